@@ -1,0 +1,223 @@
+"""The block-aware forward pass.
+
+A prompt arrives as segments. Every segment is placed at its target position in one attention
+context (cached keys re-rotated there), then the model runs layer by layer over only the
+tokens the correction policy selects: their queries attend to the whole assembled context,
+causally by position, and their recomputed K/V overwrite the cached entries in place. With
+``full`` every token is recomputed and the result is a plain prefill.
+
+We walk the model's own modules (norms, projections, MLP) and replace only attention: the
+stock transformers forward cannot recompute a different subset of tokens in every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rcllm import kernels
+from rcllm.engine.blocks import BlockKV, Segment
+from rcllm.engine.models import LoadedModel
+from rcllm.engine.policy import Policy, base_selection, deviation_selection, parse_policy
+
+
+@dataclass
+class ForwardResult:
+    logits: torch.Tensor  # float32 [vocab], next-token logits after the last prompt token
+    n_tokens: int  # prompt length
+    recomputed_tokens: int  # tokens recomputed per layer, averaged over layers
+    recomputed_fraction: float  # token-layers recomputed / (prompt tokens * layers)
+    generated: list[int] = field(default_factory=list)  # greedy continuation, if asked for
+    keys: torch.Tensor | None = None  # [layers, kv_heads, L, head_dim] when return_kv=True
+    values: torch.Tensor | None = None
+
+
+class BlockEngine:
+    """Runs prompts made of fresh and cached segments on one loaded model."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        decoder = lm.model.model
+        self.embed = decoder.embed_tokens
+        self.layers = decoder.layers
+        self.norm = decoder.norm
+        self.lm_head = lm.model.lm_head
+        config = lm.model.config
+        self.n_layers = len(self.layers)
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = lm.head_dim
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+        self.inv_freq = lm.inv_freq.to(lm.device)
+        self.device = lm.device
+        self.dtype = lm.dtype
+        self.fingerprint = lm.fingerprint
+
+    # -- validation -------------------------------------------------------------------------
+
+    def _check_block(self, kv: BlockKV, name: str) -> None:
+        if kv.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"segment {name!r}: cached KV was computed by another model (fingerprint "
+                f"{kv.fingerprint[:12]}, this model {self.fingerprint[:12]}); rebuild the cache for this model"
+            )
+        want = (self.n_layers, self.n_kv_heads, kv.n_tokens, self.head_dim)
+        if tuple(kv.keys.shape) != want:
+            raise ValueError(
+                f"segment {name!r}: cached KV has shape {tuple(kv.keys.shape)}, this model needs {want} "
+                "[layers, kv_heads, tokens, head_dim]"
+            )
+
+    def _check_length(self, length: int) -> None:
+        if length == 0:
+            raise ValueError("empty prompt: at least one token is needed")
+        window = self.lm.sliding_window
+        if window is not None and length > window:
+            raise ValueError(
+                f"prompt of {length} tokens exceeds the model's sliding attention window ({window}); "
+                "block reuse assumes every token sees the whole context"
+            )
+        if self.max_positions is not None and length > self.max_positions:
+            raise ValueError(f"prompt of {length} tokens exceeds the model's {self.max_positions} positions")
+
+    # -- the forward pass -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        segments: Sequence[Segment],
+        policy: str | Policy = "full",
+        max_new_tokens: int = 0,
+        return_kv: bool = False,
+        eos_token_id: int | None = None,
+    ) -> ForwardResult:
+        """Next-token logits of the prompt (and an optional greedy continuation)."""
+        policy = parse_policy(policy)
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        for i, seg in enumerate(segments):
+            if seg.kv is not None:
+                self._check_block(seg.kv, seg.name or f"#{i}")
+        length = sum(s.n_tokens for s in segments)
+        self._check_length(length + max_new_tokens)
+
+        ids = torch.cat([s.token_ids for s in segments]).to(self.device)
+        fresh = torch.cat([torch.full((s.n_tokens,), s.kv is None or policy.kind == "full") for s in segments])
+        offset = torch.cat([torch.arange(s.n_tokens) for s in segments])
+
+        shape = (self.n_layers, self.n_kv_heads, length + max_new_tokens, self.head_dim)
+        ctx_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        ctx_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if policy.kind != "full":
+            starts, placed = [], []
+            start = 0
+            for seg in segments:
+                if seg.kv is not None:
+                    placed.append(seg.kv)
+                    starts.append(start)
+                start += seg.n_tokens
+            kernels.place_blocks(
+                ctx_k, ctx_v, [b.keys for b in placed], [b.values for b in placed], starts,
+                [s - b.base_pos for s, b in zip(starts, placed)], self.inv_freq,
+            )
+
+        selected = base_selection(policy, fresh, offset)
+        selected[-1] = True  # the last token's hidden state gives the logits
+        check_layer = max(0, min(policy.check_layer, self.n_layers - 2)) if policy.kind == "deviation" else -1
+        idx = selected.nonzero().flatten().to(self.device)
+        h = self.embed(ids[idx]).unsqueeze(0)
+        token_layers = 0
+        for layer_no, layer in enumerate(self.layers):
+            deviation = layer_no == check_layer
+            h, dev = self._layer(layer, h, idx, ctx_k[layer_no], ctx_v[layer_no], length, deviation)
+            token_layers += idx.numel()
+            if deviation:
+                narrowed = deviation_selection(policy, fresh, dev.cpu())
+                narrowed[-1] = True
+                keep = narrowed[idx.cpu()].to(self.device)
+                idx, h = idx[keep], h[:, keep]
+
+        logits = self._logits(h[:, -1])
+        result = ForwardResult(
+            logits=logits,
+            n_tokens=length,
+            recomputed_tokens=round(token_layers / self.n_layers),
+            recomputed_fraction=token_layers / (length * self.n_layers),
+        )
+        pos = length
+        for _ in range(max_new_tokens):
+            token = int(logits.argmax())
+            result.generated.append(token)
+            if token == eos_token_id or len(result.generated) == max_new_tokens:
+                break
+            logits = self._decode(token, pos, ctx_k, ctx_v)
+            pos += 1
+        if return_kv:
+            result.keys, result.values = ctx_k[:, :, :length], ctx_v[:, :, :length]
+        return result
+
+    def _layer(self, layer, h, idx, ck, cv, length, deviation: bool):
+        """One decoder layer for the tokens at positions ``idx``; returns (h, deviation or None)."""
+        attn = layer.self_attn
+        m = idx.numel()
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(m, -1, self.head_dim)
+        k = attn.k_proj(x).view(m, -1, self.head_dim)
+        v = attn.v_proj(x).view(m, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = kernels.apply_rope(q.transpose(0, 1), idx, self.inv_freq)
+        k = kernels.apply_rope(k.transpose(0, 1), idx, self.inv_freq)
+        v = v.transpose(0, 1)
+        dev = None
+        if deviation:
+            # How far each token's recomputed K/V moved from its cached entry (fresh tokens'
+            # entries are zeros; the selection ignores them).
+            dev = (k - ck[:, idx]).float().pow(2).sum((0, 2)) + (v - cv[:, idx]).float().pow(2).sum((0, 2))
+            full_dev = torch.zeros(length, device=h.device)
+            full_dev[idx] = dev
+            dev = full_dev
+        kernels.scatter_kv(ck, cv, k, v, idx)
+        o = kernels.selective_attention(q, ck[:, :length], cv[:, :length], idx, attn.scaling)
+        h = h + attn.o_proj(o.transpose(0, 1).reshape(1, m, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, dev
+
+    def _decode(self, token: int, pos: int, ctx_k, ctx_v) -> torch.Tensor:
+        idx = torch.tensor([pos], device=self.device)
+        h = self.embed(idx.new_tensor([token])).unsqueeze(0)
+        for layer_no, layer in enumerate(self.layers):
+            h, _ = self._layer(layer, h, idx, ctx_k[layer_no], ctx_v[layer_no], pos + 1, False)
+        return self._logits(h[:, -1])
+
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h_last)).float().flatten().cpu()
+
+    # -- block KV for the cache -------------------------------------------------------------
+
+    def compute_block(self, token_ids, context: BlockKV | Sequence[int] | torch.Tensor = ()) -> BlockKV:
+        """KV of ``token_ids`` computed after ``context`` (ids, or a cached context block).
+
+        The block's keys carry RoPE at the positions right after the context; the result is
+        exactly what a prefix cache holds for those tokens after that context.
+        """
+        block = Segment.fresh(token_ids, "block")
+        if block.n_tokens == 0:
+            raise ValueError("cannot compute the KV of an empty block")
+        if isinstance(context, BlockKV):
+            if context.base_pos != 0:
+                raise ValueError("a block context must start at position 0")
+            head = [Segment.cached(context, "context")]
+        else:
+            head = [Segment.fresh(context, "context")] if len(context) else []
+        start = sum(s.n_tokens for s in head)
+        result = self.forward(head + [block], policy="none", return_kv=True)
+        return BlockKV(
+            token_ids=block.token_ids,
+            keys=result.keys[:, :, start:].clone(),
+            values=result.values[:, :, start:].clone(),
+            base_pos=start,
+            fingerprint=self.fingerprint,
+        )

@@ -1,0 +1,75 @@
+"""Correction policies: which tokens each layer recomputes over the assembled context.
+
+Pure functions on token masks; the forward pass asks them which positions to compute.
+Tokens of fresh segments are always recomputed (they have no cached KV).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+POLICY_HELP = "none | boundary:K | deviation:R | full"
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str  # "none" | "boundary" | "deviation" | "full"
+    k: int = 0  # boundary: first k tokens of every cached block
+    ratio: float = 0.0  # deviation: fraction of cached tokens recomputed after the check layer
+    check_layer: int = 1  # deviation: layers 0..check_layer are recomputed in full
+
+    def __str__(self) -> str:
+        if self.kind == "boundary":
+            return f"boundary:{self.k}"
+        if self.kind == "deviation":
+            return f"deviation:{self.ratio:g}"
+        return self.kind
+
+
+def parse_policy(text: str | Policy) -> Policy:
+    """``none``, ``full``, ``boundary:K`` (K >= 0 tokens) or ``deviation:R`` (0 <= R <= 1)."""
+    if isinstance(text, Policy):
+        return text
+    name, _, arg = str(text).strip().partition(":")
+    try:
+        if name in ("none", "full") and not arg:
+            return Policy(name)
+        if name == "boundary":
+            k = int(arg)
+            if k >= 0:
+                return Policy("boundary", k=k)
+        if name == "deviation":
+            ratio = float(arg)
+            if 0.0 <= ratio <= 1.0:
+                return Policy("deviation", ratio=ratio)
+    except ValueError:
+        pass
+    raise ValueError(f"unknown correction policy {text!r}; expected {POLICY_HELP}")
+
+
+def base_selection(policy: Policy, fresh: torch.Tensor, block_offset: torch.Tensor) -> torch.Tensor:
+    """Mask [L] of the tokens recomputed from the first layer on.
+
+    ``fresh``: tokens of fresh segments; ``block_offset``: each token's index inside its
+    segment. Deviation starts from every token and narrows after its check layer.
+    """
+    if policy.kind in ("full", "deviation"):
+        return torch.ones_like(fresh)
+    if policy.kind == "boundary":
+        return fresh | (block_offset < policy.k)
+    return fresh.clone()
+
+
+def deviation_selection(policy: Policy, fresh: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
+    """Fresh tokens plus the ``ratio`` share of cached tokens with the largest ``deviation`` [L]."""
+    cached = ~fresh
+    n_cached = int(cached.sum())
+    n_pick = min(n_cached, math.ceil(policy.ratio * n_cached))
+    selected = fresh.clone()
+    if n_pick:
+        scores = torch.where(cached, deviation.float(), torch.tensor(float("-inf")))
+        selected[torch.topk(scores, n_pick).indices] = True
+    return selected
