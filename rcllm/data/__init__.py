@@ -1,0 +1,1 @@
+"""Datasets in rcllm's formats: items, interactions, and ranking requests drawn from them."""

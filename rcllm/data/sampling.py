@@ -1,0 +1,62 @@
+"""Leave-one-out ranking requests: history, the positive, and sampled negatives."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from rcllm.data.dataset import Dataset
+
+
+@dataclass
+class RankingRequest:
+    user_id: str
+    history: list[str]  # item ids, oldest first
+    candidates: list[str]  # item ids, in prompt order
+    positive: str
+
+
+def sample_requests(
+    dataset: Dataset,
+    n_users: int,
+    history: int = 20,
+    candidates: int = 20,
+    negatives: str = "popularity",
+    seed: int = 0,
+) -> list[RankingRequest]:
+    """One request per sampled user: the last item is the positive, the ``history`` items before
+    it the history, plus ``candidates - 1`` negatives the user never touched (popularity-weighted
+    by default, from counts that exclude every user's last item), shuffled with the positive."""
+    if negatives not in ("popularity", "uniform"):
+        raise ValueError(f"unknown negative sampling {negatives!r}; expected popularity or uniform")
+    if candidates < 2:
+        raise ValueError("at least 2 candidates are needed to rank")
+    rng = random.Random(seed)
+    sequences = dataset.user_sequences()
+    users = sorted((u for u, s in sequences.items() if len(s) >= 2), key=lambda u: (len(u), u))
+    if not users:
+        raise ValueError(f"{dataset.name}: no user has the 2 interactions a leave-one-out request needs")
+    rng.shuffle(users)
+    pool = sorted(dataset.items)
+    popularity = dataset.popularity(exclude_last=1)
+    cum_weights = None
+    if negatives == "popularity":
+        cum_weights, total = [], 0
+        for item in pool:
+            total += popularity.get(item, 0) + 1
+            cum_weights.append(total)
+    requests = []
+    for user in users[:n_users]:
+        seq = sequences[user]
+        seen = set(seq)
+        if len(pool) - len(seen) < candidates - 1:
+            continue
+        negs: list[str] = []
+        while len(negs) < candidates - 1:
+            pick = rng.choices(pool, cum_weights=cum_weights, k=1)[0]
+            if pick not in seen and pick not in negs:
+                negs.append(pick)
+        cands = negs + [seq[-1]]
+        rng.shuffle(cands)
+        requests.append(RankingRequest(user, seq[-1 - history : -1], cands, seq[-1]))
+    return requests

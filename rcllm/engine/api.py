@@ -1,0 +1,31 @@
+"""One call from a model name to a ready ranker: what the CLI, eval and serving start from."""
+
+from __future__ import annotations
+
+import torch
+
+from rcllm.engine.forward import BlockEngine
+from rcllm.engine.models import load_model
+from rcllm.engine.prompt import PromptBuilder, PromptTemplate
+from rcllm.engine.ranker import Ranker
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def open_ranker(
+    model: str = "smollm2-135m",
+    device: str = "cpu",
+    dtype: str = "fp32",
+    calibration: str = "contextual",
+    template: PromptTemplate | None = None,
+) -> Ranker:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    lm = load_model(model, device=device, dtype=parse_dtype(dtype))
+    return Ranker(BlockEngine(lm), PromptBuilder(lm.tokenizer, template), calibration=calibration)

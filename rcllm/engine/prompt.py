@@ -1,0 +1,116 @@
+"""Ranking prompts as blocks: one place builds them for serving, eval, check and fine-tuning.
+
+``[system][history][label_1][item_1] ... [label_n][item_n][instruction]``: each segment is
+tokenized on its own and the prompt's ids are their concatenation, so every system (plain
+prefill, prefix cache, block reuse) runs on exactly the same ids. Item blocks hold only the
+item's text; the label that ties an item to its slot is a fresh two-token segment, so one
+cached item block serves every position and label.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+LABELS = string.ascii_uppercase
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    system: str = (
+        "You are a recommender system. Read the items a user chose, in order, and a list of "
+        "lettered candidates, then answer with the letter of the candidate the user will choose next.\n\n"
+    )
+    history_header: str = "The user chose, oldest first:\n"
+    history_line: str = "- {text}\n"
+    history_empty: str = "The user has no history yet.\n"
+    candidates_header: str = "\nCandidates:\n"
+    label: str = "{label}."
+    item: str = " {text}\n"
+    instruction: str = "\nWhich candidate will the user choose next? Answer with its letter.\nAnswer:"
+    content_free: str = "N/A"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "PromptTemplate":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown prompt template fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def item_text(item: Mapping, max_chars: int = 300) -> str:
+    """The text of an item block: title, year, categories and a short description."""
+    title = str(item["title"]).strip()
+    parts = [title]
+    year = item.get("year")
+    if year not in (None, "") and str(year) not in title:
+        parts[0] = f"{title} ({year})"
+    categories = item.get("categories") or []
+    if categories:
+        parts.append(", ".join(str(c) for c in categories))
+    description = item.get("text") or item.get("description")
+    if description:
+        description = " ".join(str(description).split())
+        parts.append(description[:max_chars].rstrip() + ("..." if len(description) > max_chars else ""))
+    return "; ".join(parts)
+
+
+class PromptBuilder:
+    """Token ids of each segment of a ranking prompt, for one tokenizer and template."""
+
+    def __init__(self, tokenizer, template: PromptTemplate | None = None):
+        self.tokenizer = tokenizer
+        self.template = template or PromptTemplate()
+        self._system = torch.tensor(self._encode(self.template.system, special=True))
+        self._instruction = torch.tensor(self._encode(self.template.instruction))
+        self._labels = [torch.tensor(self._encode(self.template.label.format(label=c))) for c in LABELS]
+        self.label_token_ids = self._answer_tokens()
+
+    def _encode(self, text: str, special: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _answer_tokens(self) -> list[int]:
+        """The single token each label is answered with, right after the instruction."""
+        base = self._encode(self.template.instruction)
+        ids = []
+        for c in LABELS:
+            full = self._encode(self.template.instruction + " " + c)
+            if full[: len(base)] != base or len(full) != len(base) + 1:
+                raise ValueError(
+                    f"this tokenizer does not answer label {c!r} with a single token after the instruction; "
+                    "ranking reads one token per label"
+                )
+            ids.append(full[-1])
+        if len(set(ids)) != len(ids):
+            raise ValueError("two labels share an answer token in this tokenizer")
+        return ids
+
+    @property
+    def max_candidates(self) -> int:
+        return len(LABELS)
+
+    def system_ids(self) -> torch.Tensor:
+        return self._system
+
+    def instruction_ids(self) -> torch.Tensor:
+        return self._instruction
+
+    def label_ids(self, slot: int) -> torch.Tensor:
+        if not 0 <= slot < len(LABELS):
+            raise ValueError(f"slot {slot} has no label: at most {len(LABELS)} candidates per prompt")
+        return self._labels[slot]
+
+    def history_ids(self, history: Sequence[str]) -> torch.Tensor:
+        t = self.template
+        body = "".join(t.history_line.format(text=h) for h in history) if history else ""
+        text = (t.history_header + body if history else t.history_empty) + t.candidates_header
+        return torch.tensor(self._encode(text))
+
+    def item_ids(self, text: str) -> torch.Tensor:
+        return torch.tensor(self._encode(self.template.item.format(text=text)))

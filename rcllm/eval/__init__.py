@@ -1,0 +1,1 @@
+"""Evaluation: protocol, metrics, systems and reports."""
