@@ -71,8 +71,6 @@ class BlockEngine:
             )
 
     def _check_length(self, length: int) -> None:
-        if length == 0:
-            raise ValueError("empty prompt: at least one token is needed")
         window = self.lm.sliding_window
         if window is not None and length > window:
             raise ValueError(
@@ -101,6 +99,8 @@ class BlockEngine:
             if seg.kv is not None:
                 self._check_block(seg.kv, seg.name or f"#{i}")
         length = sum(s.n_tokens for s in segments)
+        if length == 0:
+            raise ValueError("empty prompt: at least one token is needed")
         self._check_length(length + max_new_tokens)
 
         ids = torch.cat([s.token_ids for s in segments]).to(self.device)
@@ -108,8 +108,10 @@ class BlockEngine:
         offset = torch.cat([torch.arange(s.n_tokens) for s in segments])
 
         shape = (self.n_layers, self.n_kv_heads, length + max_new_tokens, self.head_dim)
-        ctx_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        ctx_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Uninitialised on purpose: every entry is written (placed from a block, or scattered by
+        # the layer that recomputes it) before any query can read it.
+        ctx_k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        ctx_v = torch.empty(shape, dtype=self.dtype, device=self.device)
         if policy.kind != "full":
             starts, placed = [], []
             start = 0
@@ -174,7 +176,7 @@ class BlockEngine:
         dev = None
         if deviation:
             # How far each token's recomputed K/V moved from its cached entry (fresh tokens'
-            # entries are zeros; the selection ignores them).
+            # entries are uninitialised; the selection ignores them).
             dev = (k - ck[:, idx]).float().pow(2).sum((0, 2)) + (v - cv[:, idx]).float().pow(2).sum((0, 2))
             full_dev = torch.zeros(length, device=h.device)
             full_dev[idx] = dev

@@ -67,7 +67,8 @@ def deviation_selection(policy: Policy, fresh: torch.Tensor, deviation: torch.Te
     """Fresh tokens plus the ``ratio`` share of cached tokens with the largest ``deviation`` [L]."""
     cached = ~fresh
     n_cached = int(cached.sum())
-    n_pick = min(n_cached, math.ceil(policy.ratio * n_cached))
+    # round() first: 0.55 * 100 is 55.000000000000007 in floats, which must pick 55, not 56
+    n_pick = min(n_cached, math.ceil(round(policy.ratio * n_cached, 9)))
     selected = fresh.clone()
     if n_pick:
         scores = torch.where(cached, deviation.float(), torch.tensor(float("-inf")))

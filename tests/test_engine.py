@@ -1,0 +1,501 @@
+"""The block-aware forward pass (BlockEngine) against the stock transformers forward.
+
+Every tiny random-weight family runs in float32: the ``full`` policy must be a plain prefill,
+a block reused exactly where it was computed must give the prefill's KV and logits, a moved
+block must be the re-rotated block, and bad input must fail with a clear ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rcllm.engine.blocks import BlockKV, Segment, uncached
+from rcllm.engine.forward import BlockEngine
+from rcllm.engine.models import load_model
+from rcllm.kernels import rerotate
+
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+POLICIES = ("none", "boundary:3", "deviation:0.3", "full")
+LOGIT_TOL = 1e-4
+KV_TOL = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tiny_models):
+    """(LoadedModel, BlockEngine) of one tiny family, float32 on CPU."""
+    lm = load_model(str(tiny_models[request.param]), device="cpu", dtype=torch.float32)
+    lm.model.eval()
+    return lm, BlockEngine(lm)
+
+
+def rand_ids(lm, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, lm.model.config.vocab_size, (n,), generator=g)
+
+
+def split(ids: torch.Tensor, sizes) -> list[torch.Tensor]:
+    assert sum(sizes) == ids.numel()
+    return list(torch.split(ids, list(sizes)))
+
+
+def cat_ids(segments) -> torch.Tensor:
+    return torch.cat([s.token_ids for s in segments])
+
+
+@torch.inference_mode()
+def stock_logits(lm, ids: torch.Tensor) -> torch.Tensor:
+    return lm.model(input_ids=ids[None].to(lm.device)).logits[0, -1].float().cpu()
+
+
+@torch.inference_mode()
+def stock_kv(lm, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stock forward's KV cache as [layers, kv_heads, L, head_dim]."""
+    out = lm.model(input_ids=ids[None].to(lm.device), use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    keys = torch.stack([layer.keys[0] for layer in cache.layers]).float().cpu()
+    values = torch.stack([layer.values[0] for layer in cache.layers]).float().cpu()
+    assert keys.shape[2] == ids.numel(), "stock cache was truncated (sliding window?)"
+    return keys, values
+
+
+def kv_tol(ref: torch.Tensor) -> float:
+    """KV_TOL for entries of size <= 1; relative beyond (SmolLM2's keys reach ~20, where a float32
+    ulp is ~2e-6 and recomputing a subset of rows reorders the matmul sums)."""
+    return KV_TOL * max(1.0, float(ref.abs().max()))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a.float().cpu() - b.float().cpu()).abs().max())
+
+
+def garbage_like(block: BlockKV, seed: int) -> BlockKV:
+    """A block with the right ids, shape and fingerprint but random KV."""
+    g = torch.Generator().manual_seed(seed)
+    return BlockKV(
+        token_ids=block.token_ids,
+        keys=torch.randn(block.keys.shape, generator=g) * 5,
+        values=torch.randn(block.values.shape, generator=g) * 5,
+        base_pos=block.base_pos,
+        fingerprint=block.fingerprint,
+    )
+
+
+def moved_prompt(lm, engine, seed: int = 0):
+    """A ranking-like prompt: [context][label][block]...[label][block][instruction].
+
+    Every block is computed once after the context (base position = context length) and then
+    placed at its own slot, so all but the first are moved, and none sees its real left context.
+    """
+    ctx = rand_ids(lm, 16, seed)
+    segments = [Segment.fresh(ctx, "context")]
+    for i, n in enumerate((14, 11, 17, 9)):
+        segments.append(Segment.fresh(rand_ids(lm, 2, seed + 100 + i), f"label{i}"))
+        block = engine.compute_block(rand_ids(lm, n, seed + 200 + i), ctx)
+        assert block.base_pos == ctx.numel()
+        segments.append(Segment.cached(block, f"block{i}"))
+    segments.append(Segment.fresh(rand_ids(lm, 8, seed + 300), "instruction"))
+    return segments
+
+
+# ---------------------------------------------------------------------------------------------
+# full policy == stock forward
+
+
+def test_full_policy_matches_stock_forward(tiny):
+    lm, engine = tiny
+    ids = rand_ids(lm, 100, 1)
+    parts = split(ids, (12, 20, 3, 25, 15, 25))
+    # Cached segments of every kind: exact prefix, moved, and pure garbage KV. Full ignores them.
+    exact = engine.compute_block(parts[1], parts[0])
+    moved = engine.compute_block(parts[3], [])
+    garbage = garbage_like(engine.compute_block(parts[5], parts[4]), seed=7)
+    segments = [
+        Segment.fresh(parts[0]),
+        Segment.cached(exact),
+        Segment.fresh(parts[2]),
+        Segment.cached(moved),
+        Segment.fresh(parts[4]),
+        Segment.cached(garbage),
+    ]
+    assert torch.equal(cat_ids(segments), ids)
+    result = engine.forward(segments, "full")
+    want = stock_logits(lm, ids)
+    assert result.logits.shape == want.shape and result.logits.dtype == torch.float32
+    assert max_diff(result.logits, want) <= LOGIT_TOL
+    assert result.n_tokens == 100
+    assert result.recomputed_fraction == 1.0
+    assert result.recomputed_tokens == 100
+    # The same prompt with every segment fresh gives the same logits.
+    plain = engine.forward(uncached(segments), "full")
+    assert max_diff(plain.logits, result.logits) <= 1e-6
+
+
+def test_full_policy_kv_matches_stock_cache(tiny):
+    lm, engine = tiny
+    ids = rand_ids(lm, 40, 2)
+    result = engine.forward([Segment.fresh(ids)], "full", return_kv=True)
+    keys, values = stock_kv(lm, ids)
+    assert result.keys.shape == keys.shape
+    assert max_diff(result.keys, keys) <= KV_TOL
+    assert max_diff(result.values, values) <= KV_TOL
+
+
+def test_greedy_generation_matches_stock_generate(tiny):
+    lm, engine = tiny
+    ids = rand_ids(lm, 40, 3)
+    result = engine.forward([Segment.fresh(ids[:25]), Segment.fresh(ids[25:])], "full", max_new_tokens=6)
+    assert len(result.generated) == 6
+    with torch.inference_mode():
+        out = lm.model.generate(
+            ids[None].to(lm.device),
+            attention_mask=torch.ones(1, ids.numel(), dtype=torch.long, device=lm.device),
+            do_sample=False,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    stock = out.sequences[0, ids.numel() :].tolist()
+    assert len(stock) == 6
+    # Compare the common prefix; at a divergence the two candidates must be a float tie.
+    for step, (ours, theirs) in enumerate(zip(result.generated, stock)):
+        step_logits = out.logits[step][0].float().cpu()
+        if ours != theirs:
+            gap = abs(float(step_logits[ours] - step_logits[theirs]))
+            assert gap <= LOGIT_TOL, f"step {step}: engine {ours} vs stock {theirs}, logit gap {gap:.3g}"
+            break
+    assert max_diff(result.logits, out.logits[0][0]) <= LOGIT_TOL
+
+
+def test_generation_stops_at_eos(tiny):
+    lm, engine = tiny
+    segments = [Segment.fresh(rand_ids(lm, 30, 4))]
+    free = engine.forward(segments, "full", max_new_tokens=6).generated
+    assert len(free) == 6
+    stop = free[2]
+    first = free.index(stop)
+    stopped = engine.forward(segments, "full", max_new_tokens=6, eos_token_id=stop).generated
+    assert stopped == free[: first + 1]
+    assert engine.forward(segments, "full", max_new_tokens=0).generated == []
+
+
+# ---------------------------------------------------------------------------------------------
+# prefix reuse: a block placed where it was computed, after the same context, is exact
+
+
+def test_prefix_block_reuse_is_exact(tiny):
+    lm, engine = tiny
+    ctx_ids, block_ids, tail_ids = split(rand_ids(lm, 60, 5), (20, 30, 10))
+    ids = torch.cat([ctx_ids, block_ids, tail_ids])
+    block = engine.compute_block(block_ids, ctx_ids)
+    assert block.base_pos == 20 and block.n_tokens == 30 and block.fingerprint == lm.fingerprint
+    keys, values = stock_kv(lm, ids)
+    # compute_block itself is what a prefix cache holds for these tokens.
+    assert max_diff(block.keys, keys[:, :, 20:50]) <= KV_TOL
+    assert max_diff(block.values, values[:, :, 20:50]) <= KV_TOL
+
+    segments = [Segment.fresh(ctx_ids), Segment.cached(block), Segment.fresh(tail_ids)]
+    result = engine.forward(segments, "none", return_kv=True)
+    assert max_diff(result.logits, stock_logits(lm, ids)) <= LOGIT_TOL
+    assert max_diff(result.keys, keys) <= KV_TOL
+    assert max_diff(result.values, values) <= KV_TOL
+    # Only the context and the tail were recomputed.
+    assert result.recomputed_fraction == pytest.approx(30 / 60)
+    # The cached block's entries are its cached KV, untouched.
+    assert torch.equal(result.keys[:, :, 20:50], block.keys)
+    assert torch.equal(result.values[:, :, 20:50], block.values)
+
+
+def test_prefix_block_reuse_is_exact_with_cached_context(tiny):
+    lm, engine = tiny
+    ctx_ids, block_ids, tail_ids = split(rand_ids(lm, 60, 6), (20, 30, 10))
+    ids = torch.cat([ctx_ids, block_ids, tail_ids])
+    ctx = engine.compute_block(ctx_ids, [])
+    assert ctx.base_pos == 0
+    block = engine.compute_block(block_ids, ctx)
+    assert block.base_pos == 20
+    keys, values = stock_kv(lm, ids)
+    assert max_diff(ctx.keys, keys[:, :, :20]) <= KV_TOL
+    assert max_diff(block.keys, keys[:, :, 20:50]) <= KV_TOL
+    assert max_diff(block.values, values[:, :, 20:50]) <= KV_TOL
+
+    segments = [Segment.cached(ctx), Segment.cached(block), Segment.fresh(tail_ids)]
+    result = engine.forward(segments, "none", return_kv=True)
+    assert max_diff(result.logits, stock_logits(lm, ids)) <= LOGIT_TOL
+    assert max_diff(result.keys, keys) <= KV_TOL
+    assert max_diff(result.values, values) <= KV_TOL
+    assert result.recomputed_fraction == pytest.approx(10 / 60)
+
+
+@pytest.mark.parametrize("policy", POLICIES + ("boundary:0", "deviation:0", "deviation:1"))
+def test_every_policy_is_exact_when_blocks_sit_where_they_were_computed(tiny, policy):
+    lm, engine = tiny
+    ctx_ids, b1, b2, tail_ids = split(rand_ids(lm, 50, 7), (10, 15, 17, 8))
+    ids = torch.cat([ctx_ids, b1, b2, tail_ids])
+    ctx = engine.compute_block(ctx_ids, [])
+    first = engine.compute_block(b1, ctx)
+    second = engine.compute_block(b2, torch.cat([ctx_ids, b1]))
+    assert second.base_pos == 25
+    segments = [Segment.cached(ctx), Segment.cached(first), Segment.cached(second), Segment.fresh(tail_ids)]
+    result = engine.forward(segments, policy)
+    assert max_diff(result.logits, stock_logits(lm, ids)) <= LOGIT_TOL
+
+
+def test_prefix_reuse_greedy_generation_matches_full(tiny):
+    lm, engine = tiny
+    ctx_ids, block_ids = split(rand_ids(lm, 36, 8), (12, 24))
+    block = engine.compute_block(block_ids, ctx_ids)
+    cached = engine.forward([Segment.fresh(ctx_ids), Segment.cached(block)], "none", max_new_tokens=5)
+    full = engine.forward([Segment.fresh(ctx_ids), Segment.fresh(block_ids)], "full", max_new_tokens=5)
+    assert max_diff(cached.logits, full.logits) <= LOGIT_TOL
+    assert cached.generated == full.generated
+
+
+# ---------------------------------------------------------------------------------------------
+# moved blocks
+
+
+@pytest.mark.parametrize("lead", [7, 33])  # the block moves 13 positions back / forward
+def test_moved_block_keys_are_the_rerotated_cached_keys(tiny, lead):
+    lm, engine = tiny
+    ctx_ids = rand_ids(lm, 20, 9)
+    block_ids = rand_ids(lm, 30, 10)
+    block = engine.compute_block(block_ids, ctx_ids)
+    lead_ids, tail_ids = rand_ids(lm, lead, 11), rand_ids(lm, 5, 12)
+    segments = [Segment.fresh(lead_ids), Segment.cached(block), Segment.fresh(tail_ids)]
+    result = engine.forward(segments, "none", return_kv=True)
+    delta = lead - block.base_pos
+    placed_k = result.keys[:, :, lead : lead + 30]
+    assert max_diff(placed_k, rerotate(block.keys, delta, engine.inv_freq)) <= 1e-6
+    assert torch.equal(result.values[:, :, lead : lead + 30], block.values)
+    # A real move: the keys are not the ones computed at the base position.
+    assert max_diff(placed_k, block.keys) > 1e-3
+    # With full, the moved prompt is a plain prefill.
+    ids = cat_ids(segments)
+    full = engine.forward(segments, "full")
+    assert max_diff(full.logits, stock_logits(lm, ids)) <= LOGIT_TOL
+
+
+def test_moved_block_keys_equal_keys_computed_at_the_new_position_in_layer_0(tiny):
+    """Layer 0 K depends only on the token and its position: a moved block's layer-0 keys are exact."""
+    lm, engine = tiny
+    block_ids = rand_ids(lm, 12, 13)
+    block = engine.compute_block(block_ids, rand_ids(lm, 9, 14))
+    lead_ids = rand_ids(lm, 21, 15)
+    result = engine.forward([Segment.fresh(lead_ids), Segment.cached(block), Segment.fresh(lead_ids[:3])], "none", return_kv=True)
+    keys, _ = stock_kv(lm, torch.cat([lead_ids, block_ids]))
+    assert max_diff(result.keys[0, :, 21:33], keys[0, :, 21:33]) <= KV_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# policies
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_equals_full_without_cached_segments(tiny, policy):
+    lm, engine = tiny
+    ids = rand_ids(lm, 45, 16)
+    segments = [Segment.fresh(p) for p in split(ids, (10, 5, 20, 10))]
+    result = engine.forward(segments, policy)
+    full = engine.forward(segments, "full")
+    assert max_diff(result.logits, full.logits) <= LOGIT_TOL
+    assert max_diff(result.logits, stock_logits(lm, ids)) <= LOGIT_TOL
+    assert result.recomputed_fraction == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("policy", ["deviation:1", "boundary:1000"])
+def test_policies_selecting_every_token_equal_full_whatever_the_cache(tiny, policy):
+    lm, engine = tiny
+    segments = moved_prompt(lm, engine, seed=17)
+    segments = [Segment.cached(garbage_like(s.kv, i), s.name) if s.is_cached else s for i, s in enumerate(segments)]
+    result = engine.forward(segments, policy)
+    assert max_diff(result.logits, stock_logits(lm, cat_ids(segments))) <= LOGIT_TOL
+    assert result.recomputed_fraction == pytest.approx(1.0)
+
+
+def test_policies_are_ordered_in_recomputation_and_full_is_exact(tiny):
+    lm, engine = tiny
+    segments = moved_prompt(lm, engine, seed=18)
+    ids = cat_ids(segments)
+    length = ids.numel()
+    n_fresh = sum(s.n_tokens for s in segments if not s.is_cached)
+    n_cached = length - n_fresh
+    n_blocks = sum(s.is_cached for s in segments)
+    n_layers = engine.n_layers
+    want = stock_logits(lm, ids)
+
+    results = {p: engine.forward(segments, p) for p in ("none", "boundary:2", "deviation:0.5", "full")}
+    frac = {p: r.recomputed_fraction for p, r in results.items()}
+    err = {p: max_diff(r.logits, want) for p, r in results.items()}
+
+    assert frac["none"] < frac["boundary:2"] < frac["deviation:0.5"] < frac["full"] == 1.0
+    # The bookkeeping is exact (the prompt ends with a fresh segment).
+    assert frac["none"] == pytest.approx(n_fresh / length)
+    assert frac["boundary:2"] == pytest.approx((n_fresh + 2 * n_blocks) / length)
+    check = max(0, min(1, n_layers - 2))
+    dev_tokens = (check + 1) * length + (n_layers - check - 1) * (n_fresh + math.ceil(0.5 * n_cached))
+    assert frac["deviation:0.5"] == pytest.approx(dev_tokens / (length * n_layers))
+    assert err["full"] <= LOGIT_TOL
+    assert err["none"] > 10 * LOGIT_TOL  # moved blocks without correction are not a prefill
+    assert all(math.isfinite(e) for e in err.values())
+    assert all(torch.isfinite(r.logits).all() for r in results.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_empty_prompt_raises(tiny):
+    _, engine = tiny
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.forward([])
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.forward([Segment.fresh([])])
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.forward([Segment.fresh([]), Segment.fresh(torch.zeros(0, dtype=torch.long))], "none")
+
+
+@pytest.mark.parametrize("segments", [[], [Segment.fresh([])]], ids=["no-segments", "zero-tokens"])
+def test_empty_prompt_with_generation_raises(tiny, segments):
+    _, engine = tiny
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.forward(segments, "full", max_new_tokens=2)
+
+
+def test_block_from_another_model_raises(tiny):
+    lm, engine = tiny
+    block = engine.compute_block(rand_ids(lm, 8, 19), [])
+    foreign = BlockKV(block.token_ids, block.keys, block.values, block.base_pos, fingerprint="another-model")
+    with pytest.raises(ValueError, match="another model"):
+        engine.forward([Segment.fresh(rand_ids(lm, 4, 20)), Segment.cached(foreign, "item")], "none")
+    with pytest.raises(ValueError, match="another model"):
+        engine.compute_block(rand_ids(lm, 3, 21), foreign)
+
+
+@pytest.mark.parametrize("what", ["layers", "kv_heads", "head_dim"])
+def test_block_of_the_wrong_shape_raises(tiny, what):
+    lm, engine = tiny
+    block = engine.compute_block(rand_ids(lm, 8, 22), [])
+    layers, kvh, n, d = block.keys.shape
+    shape = {"layers": (layers - 1 or 2, kvh, n, d), "kv_heads": (layers, kvh + 1, n, d), "head_dim": (layers, kvh, n, d + 2)}[what]
+    bad = BlockKV(block.token_ids, torch.zeros(shape), torch.zeros(shape), 0, fingerprint=block.fingerprint)
+    with pytest.raises(ValueError, match="shape"):
+        engine.forward([Segment.cached(bad), Segment.fresh(rand_ids(lm, 3, 23))], "none")
+
+
+def test_block_kv_inconsistent_with_its_ids_raises(tiny):
+    lm, engine = tiny
+    block = engine.compute_block(rand_ids(lm, 8, 24), [])
+    with pytest.raises(ValueError, match="do not match"):
+        BlockKV(block.token_ids[:5], block.keys, block.values, 0, block.fingerprint)
+    with pytest.raises(ValueError, match="do not match"):
+        BlockKV(block.token_ids, block.keys, block.values[:, :, :4], 0, block.fingerprint)
+    with pytest.raises(ValueError, match="base position"):
+        BlockKV(block.token_ids, block.keys, block.values, -1, block.fingerprint)
+
+
+def test_cached_segment_with_other_token_ids_raises(tiny):
+    lm, engine = tiny
+    block = engine.compute_block(rand_ids(lm, 8, 25), [])
+    other = block.token_ids.clone()
+    other[3] = (other[3] + 1) % lm.model.config.vocab_size
+    with pytest.raises(ValueError, match="other token ids"):
+        Segment(token_ids=other, kv=block, name="item")
+    with pytest.raises(ValueError, match="other token ids"):
+        Segment(token_ids=block.token_ids[:7], kv=block)
+
+
+def test_compute_block_of_empty_ids_raises(tiny):
+    lm, engine = tiny
+    with pytest.raises(ValueError, match="empty block"):
+        engine.compute_block([], rand_ids(lm, 4, 26))
+    with pytest.raises(ValueError, match="empty block"):
+        engine.compute_block(torch.zeros(0, dtype=torch.long))
+
+
+def test_compute_block_after_a_context_not_at_position_0_raises(tiny):
+    lm, engine = tiny
+    mid = engine.compute_block(rand_ids(lm, 6, 27), rand_ids(lm, 4, 28))
+    assert mid.base_pos == 4
+    with pytest.raises(ValueError, match="position 0"):
+        engine.compute_block(rand_ids(lm, 3, 29), mid)
+
+
+@pytest.mark.parametrize("policy", ["bogus", "boundary:-1", "deviation:2", "none:1", ""])
+def test_unknown_policy_raises(tiny, policy):
+    lm, engine = tiny
+    with pytest.raises(ValueError, match="expected none"):
+        engine.forward([Segment.fresh(rand_ids(lm, 5, 30))], policy)
+
+
+def test_negative_max_new_tokens_raises(tiny):
+    lm, engine = tiny
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.forward([Segment.fresh(rand_ids(lm, 5, 31))], "full", max_new_tokens=-1)
+
+
+def test_prompt_beyond_the_model_positions_raises(tiny):
+    lm, engine = tiny
+    limit = min(x for x in (engine.max_positions, lm.sliding_window) if x is not None)
+    ids = torch.zeros(limit + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceeds"):
+        engine.forward([Segment.fresh(ids)], "none")
+    with pytest.raises(ValueError, match="exceeds"):
+        engine.forward([Segment.fresh(ids[:limit])], "none", max_new_tokens=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the real SmolLM2-135M
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_path):
+    lm = load_model(str(smollm_path), device="cpu", dtype=torch.float32)
+    lm.model.eval()
+    return lm, BlockEngine(lm)
+
+
+TEXT = (
+    "You are a movie recommender. The user watched, oldest first: Toy Story (1995), Heat (1995), "
+    "GoldenEye (1995), Babe (1995), Dead Man Walking (1995), The Usual Suspects (1995), Braveheart "
+    "(1995), Apollo 13 (1995), Batman Forever (1995) and Pulp Fiction (1994). Candidates: (A) Star "
+    "Wars (1977) (B) Fargo (1996) (C) Twister (1996) (D) Casablanca (1942) (E) The Rock (1996). "
+    "Answer with the letter of the movie the user is most likely to watch next, then explain why in "
+    "one short sentence. The answer is ("
+)
+
+
+@pytest.mark.slow
+def test_smollm_full_policy_matches_stock_forward(smollm):
+    lm, engine = smollm
+    ids = torch.as_tensor(lm.tokenizer(TEXT)["input_ids"], dtype=torch.long)
+    assert 120 <= ids.numel() <= 200
+    cut = [0, 30, 60, 61, 100, ids.numel()]
+    segments = [Segment.fresh(ids[a:b]) for a, b in zip(cut, cut[1:])]
+    result = engine.forward(segments, "full")
+    assert max_diff(result.logits, stock_logits(lm, ids)) <= LOGIT_TOL
+    assert result.recomputed_fraction == 1.0
+
+
+@pytest.mark.slow
+def test_smollm_prefix_block_reuse_is_exact(smollm):
+    lm, engine = smollm
+    ids = torch.as_tensor(lm.tokenizer(TEXT)["input_ids"], dtype=torch.long)
+    ctx_ids, block_ids, tail_ids = ids[:30], ids[30:150], ids[150:]
+    block = engine.compute_block(block_ids, ctx_ids)
+    result = engine.forward([Segment.fresh(ctx_ids), Segment.cached(block), Segment.fresh(tail_ids)], "none", return_kv=True)
+    keys, values = stock_kv(lm, ids)
+    assert max_diff(result.logits, stock_logits(lm, ids)) <= LOGIT_TOL
+    assert max_diff(result.keys, keys) <= kv_tol(keys)
+    assert max_diff(result.values, values) <= kv_tol(values)
+    assert result.recomputed_fraction == pytest.approx((ids.numel() - 120) / ids.numel())
