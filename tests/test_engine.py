@@ -499,3 +499,39 @@ def test_smollm_prefix_block_reuse_is_exact(smollm):
     assert max_diff(result.keys, keys) <= kv_tol(keys)
     assert max_diff(result.values, values) <= kv_tol(values)
     assert result.recomputed_fraction == pytest.approx((ids.numel() - 120) / ids.numel())
+
+
+# ---------------------------------------------------------------------------------------------
+# exact blocks: a prefix-cache hit needs no correction
+
+
+def test_block_behind_its_own_context_is_exact_and_never_recomputed(tiny):
+    lm, engine = tiny
+    ctx_ids, hist_ids, rest = rand_ids(lm, 12, 40), rand_ids(lm, 30, 41), rand_ids(lm, 10, 42)
+    ctx = engine.compute_block(ctx_ids, [])
+    hist = engine.compute_block(hist_ids, ctx)
+    segments = [Segment.cached(ctx, "system"), Segment.cached(hist, "history"), Segment.fresh(rest, "tail")]
+    reference = stock_logits(lm, cat_ids(segments))
+    for policy in ("none", "boundary:4", "deviation:0.5"):
+        result = engine.forward(segments, policy)
+        # only the fresh tail is computed: the cached blocks are exactly what a prefill holds
+        assert result.recomputed_fraction == pytest.approx(10 / 52)
+        assert max_diff(result.logits, reference) <= LOGIT_TOL
+
+
+def test_block_behind_other_ids_is_not_exact(tiny):
+    lm, engine = tiny
+    ctx_ids, other, hist_ids = rand_ids(lm, 12, 50), rand_ids(lm, 12, 51), rand_ids(lm, 30, 52)
+    hist = engine.compute_block(hist_ids, ctx_ids)  # computed behind ctx_ids...
+    segments = [Segment.fresh(other, "other"), Segment.cached(hist, "history"), Segment.fresh(rand_ids(lm, 4, 53))]
+    result = engine.forward(segments, "boundary:4")  # ...placed at the same position behind other ids
+    assert result.recomputed_fraction == pytest.approx((12 + 4 + 4) / 46)
+
+
+def test_blocks_without_a_recorded_context_are_never_exact(tiny):
+    lm, engine = tiny
+    ctx_ids, blk_ids = rand_ids(lm, 12, 60), rand_ids(lm, 20, 61)
+    blk = engine.compute_block(blk_ids, ctx_ids)
+    unknown = BlockKV(blk.token_ids, blk.keys, blk.values, blk.base_pos, blk.fingerprint)
+    segments = [Segment.fresh(ctx_ids), Segment.cached(unknown), Segment.fresh(rand_ids(lm, 3, 62))]
+    assert engine.forward(segments, "boundary:2").recomputed_fraction == pytest.approx((12 + 2 + 3) / 35)

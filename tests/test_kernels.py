@@ -511,3 +511,15 @@ def test_deviation_selection_ratio_0_55_of_100_cached_picks_55():
     fresh = torch.zeros(100, dtype=torch.bool)
     got = deviation_selection(parse_policy("deviation:0.55"), fresh, torch.arange(100.0))
     assert int(got.sum()) == 55
+
+
+def test_exact_tokens_are_spared_by_every_partial_policy():
+    fresh = torch.tensor([True, False, False, False, False, True])
+    offset = torch.tensor([0, 0, 1, 0, 1, 0])
+    exact = torch.tensor([False, True, True, False, False, False])
+    assert base_selection(Policy("boundary", k=1), fresh, offset, exact).tolist() == [True, False, False, True, False, True]
+    assert base_selection(Policy("deviation", ratio=0.5), fresh, offset, exact).tolist() == [True, False, False, True, True, True]
+    assert base_selection(Policy("full"), fresh, offset, exact).all()
+    deviation = torch.tensor([0.0, 9.0, 9.0, 1.0, 2.0, 0.0])  # exact tokens never count, however large
+    got = deviation_selection(Policy("deviation", ratio=0.5), fresh, deviation, exact)
+    assert got.tolist() == [True, False, False, False, True, True]

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
+
+
+def context_hash(token_ids) -> str:
+    """Identity of the token ids a block was computed after (its block context)."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().cpu()
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:32]
 
 
 @dataclass
@@ -13,8 +20,10 @@ class BlockKV:
 
     ``keys`` and ``values`` are [layers, kv_heads, n, head_dim]; keys carry RoPE at positions
     ``base_pos .. base_pos + n - 1`` (where the block sat when it was computed).
-    ``fingerprint`` names the model (and block context) that computed it, so that a block is
-    never spliced into another model's forward.
+    ``fingerprint`` names the model that computed it, so that a block is never spliced into
+    another model's forward. ``context`` is the :func:`context_hash` of the ids it was computed
+    after: placed at ``base_pos`` behind exactly those ids, the block is what a plain prefill
+    computes (a prefix-cache hit) and needs no correction. None: unknown, never exact.
     """
 
     token_ids: torch.Tensor
@@ -22,6 +31,7 @@ class BlockKV:
     values: torch.Tensor
     base_pos: int
     fingerprint: str
+    context: str | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = torch.as_tensor(self.token_ids, dtype=torch.long).flatten().cpu()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rcllm import kernels
-from rcllm.engine.blocks import BlockKV, Segment
+from rcllm.engine.blocks import BlockKV, Segment, context_hash
 from rcllm.engine.models import LoadedModel
 from rcllm.engine.policy import Policy, base_selection, deviation_selection, parse_policy
 
@@ -103,8 +103,10 @@ class BlockEngine:
             raise ValueError("empty prompt: at least one token is needed")
         self._check_length(length + max_new_tokens)
 
-        ids = torch.cat([s.token_ids for s in segments]).to(self.device)
+        ids_cpu = torch.cat([s.token_ids for s in segments])
+        ids = ids_cpu.to(self.device)
         fresh = torch.cat([torch.full((s.n_tokens,), s.kv is None or policy.kind == "full") for s in segments])
+        exact = torch.cat([torch.full((s.n_tokens,), is_exact) for s, is_exact in zip(segments, self._exact(segments, ids_cpu))])
         offset = torch.cat([torch.arange(s.n_tokens) for s in segments])
 
         shape = (self.n_layers, self.n_kv_heads, length + max_new_tokens, self.head_dim)
@@ -125,7 +127,7 @@ class BlockEngine:
                 [s - b.base_pos for s, b in zip(starts, placed)], self.inv_freq,
             )
 
-        selected = base_selection(policy, fresh, offset)
+        selected = base_selection(policy, fresh, offset, exact)
         selected[-1] = True  # the last token's hidden state gives the logits
         check_layer = max(0, min(policy.check_layer, self.n_layers - 2)) if policy.kind == "deviation" else -1
         idx = selected.nonzero().flatten().to(self.device)
@@ -136,7 +138,7 @@ class BlockEngine:
             h, dev = self._layer(layer, h, idx, ctx_k[layer_no], ctx_v[layer_no], length, deviation)
             token_layers += idx.numel()
             if deviation:
-                narrowed = deviation_selection(policy, fresh, dev.cpu())
+                narrowed = deviation_selection(policy, fresh, dev.cpu(), exact)
                 narrowed[-1] = True
                 keep = narrowed[idx.cpu()].to(self.device)
                 idx, h = idx[keep], h[:, keep]
@@ -159,6 +161,19 @@ class BlockEngine:
         if return_kv:
             result.keys, result.values = ctx_k[:, :, :length], ctx_v[:, :, :length]
         return result
+
+    @staticmethod
+    def _exact(segments: Sequence[Segment], ids: torch.Tensor) -> list[bool]:
+        """Per segment: a cached block placed at its base position behind its own block context."""
+        flags, start = [], 0
+        for seg in segments:
+            kv = seg.kv
+            flags.append(
+                kv is not None and kv.context is not None and kv.base_pos == start
+                and kv.context == context_hash(ids[:start])
+            )
+            start += seg.n_tokens
+        return flags
 
     def _layer(self, layer, h, idx, ck, cv, length, deviation: bool):
         """One decoder layer for the tokens at positions ``idx``; returns (h, deviation or None)."""
@@ -212,8 +227,10 @@ class BlockEngine:
             if context.base_pos != 0:
                 raise ValueError("a block context must start at position 0")
             head = [Segment.cached(context, "context")]
+            context_ids = context.token_ids
         else:
             head = [Segment.fresh(context, "context")] if len(context) else []
+            context_ids = head[0].token_ids if head else torch.zeros(0, dtype=torch.long)
         start = sum(s.n_tokens for s in head)
         result = self.forward(head + [block], policy="none", return_kv=True)
         return BlockKV(
@@ -222,4 +239,5 @@ class BlockEngine:
             values=result.values[:, :, start:].clone(),
             base_pos=start,
             fingerprint=self.fingerprint,
+            context=context_hash(context_ids),
         )

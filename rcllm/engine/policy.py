@@ -50,27 +50,36 @@ def parse_policy(text: str | Policy) -> Policy:
     raise ValueError(f"unknown correction policy {text!r}; expected {POLICY_HELP}")
 
 
-def base_selection(policy: Policy, fresh: torch.Tensor, block_offset: torch.Tensor) -> torch.Tensor:
+def base_selection(
+    policy: Policy, fresh: torch.Tensor, block_offset: torch.Tensor, exact: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mask [L] of the tokens recomputed from the first layer on.
 
     ``fresh``: tokens of fresh segments; ``block_offset``: each token's index inside its
-    segment. Deviation starts from every token and narrows after its check layer.
+    segment; ``exact``: tokens of cached blocks that sit where, and behind what, they were
+    computed (their KV already equals a plain prefill's, so no policy spends work on them).
+    Deviation starts from every other token and narrows after its check layer.
     """
-    if policy.kind in ("full", "deviation"):
+    exact = torch.zeros_like(fresh) if exact is None else exact
+    if policy.kind == "full":
         return torch.ones_like(fresh)
+    if policy.kind == "deviation":
+        return ~exact
     if policy.kind == "boundary":
-        return fresh | (block_offset < policy.k)
+        return fresh | ((block_offset < policy.k) & ~exact)
     return fresh.clone()
 
 
-def deviation_selection(policy: Policy, fresh: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
-    """Fresh tokens plus the ``ratio`` share of cached tokens with the largest ``deviation`` [L]."""
-    cached = ~fresh
-    n_cached = int(cached.sum())
+def deviation_selection(
+    policy: Policy, fresh: torch.Tensor, deviation: torch.Tensor, exact: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fresh tokens plus the ``ratio`` share of the other non-exact tokens with the largest ``deviation`` [L]."""
+    movable = ~fresh if exact is None else ~fresh & ~exact
+    n_movable = int(movable.sum())
     # round() first: 0.55 * 100 is 55.000000000000007 in floats, which must pick 55, not 56
-    n_pick = min(n_cached, math.ceil(round(policy.ratio * n_cached, 9)))
+    n_pick = min(n_movable, math.ceil(round(policy.ratio * n_movable, 9)))
     selected = fresh.clone()
     if n_pick:
-        scores = torch.where(cached, deviation.float(), torch.tensor(float("-inf")))
+        scores = torch.where(movable, deviation.float(), torch.tensor(float("-inf")))
         selected[torch.topk(scores, n_pick).indices] = True
     return selected

@@ -28,8 +28,8 @@ class PromptTemplate:
     history_line: str = "- {text}\n"
     history_empty: str = "The user has no history yet.\n"
     candidates_header: str = "\nCandidates:\n"
-    label: str = "{label}."
-    item: str = " {text}\n"
+    label: str = "{label}"
+    item: str = ". {text}\n"
     instruction: str = "\nWhich candidate will the user choose next? Answer with its letter.\nAnswer:"
     content_free: str = "N/A"
 
