@@ -12,6 +12,7 @@ stock transformers forward cannot recompute a different subset of tokens in ever
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ class ForwardResult:
     n_tokens: int  # prompt length
     recomputed_tokens: int  # tokens recomputed per layer, averaged over layers
     recomputed_fraction: float  # token-layers recomputed / (prompt tokens * layers)
+    prefill_ms: float  # wall time from entering forward to the first token's logits
     generated: list[int] = field(default_factory=list)  # greedy continuation, if asked for
     keys: torch.Tensor | None = None  # [layers, kv_heads, L, head_dim] when return_kv=True
     values: torch.Tensor | None = None
@@ -92,6 +94,7 @@ class BlockEngine:
         eos_token_id: int | None = None,
     ) -> ForwardResult:
         """Next-token logits of the prompt (and an optional greedy continuation)."""
+        started = time.perf_counter()
         policy = parse_policy(policy)
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
@@ -149,6 +152,7 @@ class BlockEngine:
             n_tokens=length,
             recomputed_tokens=round(token_layers / self.n_layers),
             recomputed_fraction=token_layers / (length * self.n_layers),
+            prefill_ms=(time.perf_counter() - started) * 1000.0,
         )
         pos = length
         for _ in range(max_new_tokens):

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from rcllm.engine.blocks import BlockKV, Segment
-from rcllm.engine.forward import BlockEngine
+from rcllm.engine.forward import BlockEngine, ForwardResult
 from rcllm.engine.policy import Policy, parse_policy
 from rcllm.engine.prompt import PromptBuilder
 
@@ -92,7 +92,6 @@ class Ranking:
     item_misses: int = 0
     rounds: int = 1
     text: str = ""
-    label_distribution: list[float] = field(default_factory=list)  # calibrated, per candidate
 
 
 class Ranker:
@@ -186,23 +185,26 @@ class Ranker:
             self.label_prior(n)  # measured once per prompt size, outside the timed path
         start = time.perf_counter()
         segs, stats = self.segments(history, candidates, cache)
-        tok = self.builder.tokenizer
-        result = self.engine.forward(segs, policy, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
-        ttft_ms = (time.perf_counter() - start) * 1000.0
+        assembled_ms = (time.perf_counter() - start) * 1000.0
+        eos = self.builder.tokenizer.eos_token_id
+        result = self.engine.forward(segs, policy, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        return self.make_ranking(result, n, str(policy), assembled_ms + result.prefill_ms, **stats)
+
+    def make_ranking(self, result: ForwardResult, n: int, policy: str, ttft_ms: float, **stats) -> Ranking:
+        """The ranking of ``n`` candidates read from a forward pass over their prompt."""
         logprobs, calibrated = self.label_scores(result.logits, n)
-        order = sorted(range(n), key=lambda i: (-float(calibrated[i]), i))
+        tok = self.builder.tokenizer
         return Ranking(
-            order=order,
+            order=sorted(range(n), key=lambda i: (-float(calibrated[i]), i)),
             scores=calibrated.tolist(),
             label_logprobs=logprobs.tolist(),
             calibration=self.calibration,
-            policy=str(policy),
+            policy=policy,
             ttft_ms=ttft_ms,
             prompt_tokens=result.n_tokens,
             recomputed_tokens=result.recomputed_tokens,
             recomputed_fraction=result.recomputed_fraction,
             text=tok.decode(result.generated, skip_special_tokens=True) if result.generated else "",
-            label_distribution=calibrated.tolist(),
             **stats,
         )
 
