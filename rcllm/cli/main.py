@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -159,6 +161,227 @@ def demo(
         "[dim]The embedded 135M model does not rank zero-shot; its ranking is near chance. "
         "See README: rcllm check reports whether a model's ranking depends on the candidates.[/]"
     )
+
+
+cache_app = typer.Typer(help="Inspect and grow a block cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+DEFAULT_CACHE = Path("rcllm-cache")
+
+
+class _RichReporter:
+    """Build progress as rich bars, one per phase, with ETA."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def phase(self, name, total):
+        task = self.progress.add_task(name, total=total)
+        return lambda n=1: self.progress.advance(task, n)
+
+    def log(self, message):
+        self.progress.console.print(f"[dim]{message}[/]")
+
+
+@app.command("build-cache")
+def build_cache_command(
+    catalog: Path = typer.Argument(..., help="Catalog: JSON Lines, one item per line (id, title, text, year, categories)."),
+    out: Path = typer.Option(DEFAULT_CACHE, help="Cache folder (created; a rerun resumes it)."),
+    nodes: int = typer.Option(2, min=1, help="Serving nodes to shard the item blocks across."),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    users: Optional[Path] = typer.Option(None, help="histories.jsonl: user histories to precompute (replicated to every node)."),
+    interactions: Optional[Path] = typer.Option(None, help="interactions.jsonl: keeps items that co-occur on one node."),
+    append: bool = typer.Option(False, help="Add new (cold-start) items to an existing cache: no rebuild."),
+    embedder: str = typer.Option("minilm", help="Item embedder for placement: minilm | llm | a sentence-encoder folder."),
+    max_item_tokens: int = typer.Option(256, help="Refuse items whose block would be longer than this."),
+    history: int = typer.Option(20, help="Most recent history items in a user's history block."),
+    batch_size: int = typer.Option(16, help="Blocks computed per forward pass."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (KV is stored in this dtype)."),
+    seed: int = typer.Option(0, help="Seed for clustering and placement."),
+    threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
+) -> None:
+    """Validate a catalog, embed, cluster and place it on nodes, precompute item and history KV blocks."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from rcllm.build.pipeline import BuildOptions, append_items, build_cache
+    from rcllm.data.jsonl import DataFormatError
+    from rcllm.store import IncompatibleCacheError
+
+    _set_threads(threads)
+    options = BuildOptions(
+        out=out, nodes=nodes, model=model, users=users, interactions=interactions, device=device, dtype=dtype,
+        embedder=embedder, max_item_tokens=max_item_tokens, history=history, batch_size=batch_size, seed=seed,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=err) as progress:
+            run = append_items if append else build_cache
+            report = run(catalog, options, _RichReporter(progress))
+    except (DataFormatError, IncompatibleCacheError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    _print_build_report(report)
+
+
+def _print_build_report(report) -> None:
+    table = Table(title=f"cache {report.out}: {report.items} items, {report.users} user histories")
+    for column in ("node", "items", "tokens", "blocks", "MiB"):
+        table.add_column(column, justify="right")
+    for n in report.nodes:
+        table.add_row(str(n["node"]), str(n["items"]), str(n["tokens"]), str(n["blocks"]), f"{n['bytes'] / 2**20:.1f}")
+    console.print(table)
+    quality = Table(title="placement quality (higher is better)")
+    quality.add_column("placement")
+    measures = sorted({m for q in report.quality.values() for m in q})
+    for m in measures:
+        quality.add_column(m, justify="right")
+    for name, q in report.quality.items():
+        quality.add_row(name, *(f"{q[m]:.3f}" for m in measures))
+    console.print(quality)
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    console.print(
+        f"blocks computed {report.computed_blocks}, reused {report.reused_blocks}; token imbalance "
+        f"{report.imbalance:.1%}; {report.bytes_per_token:.0f} bytes/token on disk (KV alone: "
+        f"{report.expected_bytes_per_token} = layers x 2 x kv_heads x head_dim x dtype size); {phases}"
+    )
+    for note in report.notes:
+        console.print(f"[dim]{note}[/]")
+
+
+@cache_app.command("info")
+def cache_info_command(
+    cache: Path = typer.Argument(DEFAULT_CACHE, help="Cache folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """What is in a cache: model, template, nodes, blocks and bytes per node."""
+    from rcllm.build.pipeline import cache_info
+
+    try:
+        info = cache_info(cache)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(info))
+        return
+    m = info["manifest"]
+    console.print(f"[bold]{cache}[/]: model {m['model']['name']} ({m['model']['family']}, {m['model']['dtype']}, "
+                  f"fingerprint {m['model']['fingerprint'][:12]}), {m['items']['count']} items, {m['users']['count']} users")
+    table = Table()
+    for column in ("store", "address", "blocks", "tokens", "MiB", "bytes/token", "shards"):
+        table.add_column(column, justify="right")
+    for row in info["stores"]:
+        table.add_row(row["name"], row.get("address", ""), str(row["blocks"]), str(row["tokens"]),
+                      f"{row['bytes'] / 2**20:.1f}", f"{row['bytes_per_token']:.0f}", str(row["shards"]))
+    console.print(table)
+
+
+@cache_app.command("add-node")
+def cache_add_node_command(
+    cache: Path = typer.Argument(DEFAULT_CACHE, help="Cache folder."),
+) -> None:
+    """Grow the cache by one node: hand it whole clusters from the fullest nodes, moving only their blocks."""
+    from rcllm.build.pipeline import add_node
+
+    try:
+        moved = add_node(cache)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    console.print(
+        f"node {moved['node']} added: {moved['items']} items in {moved['clusters']} clusters moved, "
+        f"{moved['bytes_moved'] / 2**20:.1f} MiB of {moved['bytes_total'] / 2**20:.1f} MiB "
+        f"({moved['fraction']:.1%}; ideal 1/{moved['nodes']} = {1 / moved['nodes']:.1%}); "
+        f"token imbalance {moved['imbalance']:.1%}"
+    )
+
+
+data_app = typer.Typer(help="Datasets in rcllm's formats.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+DATASET_HELP = "ml-1m | ml-100k | synthetic | a folder with catalog.jsonl and interactions.jsonl."
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: str = typer.Argument(..., help=DATASET_HELP),
+    out: Path = typer.Option(..., "--out", help="Folder to write catalog.jsonl, interactions.jsonl, histories.jsonl."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where the GroupLens files are (ml-1m, ml-100k)."),
+) -> None:
+    """Write a dataset in rcllm's formats: the build-cache catalog, interactions and histories."""
+    from rcllm.data.loaders import load_dataset, prepare
+
+    try:
+        data = load_dataset(dataset, data_dir=data_dir)
+        written = prepare(data, out)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"{data.name}: {len(data.items)} items, {len(data.interactions)} interactions -> {out}")
+    for path in written:
+        print(path)
+
+
+@app.command("eval")
+def eval_command(
+    dataset: str = typer.Option("ml-100k", help=DATASET_HELP),
+    data_dir: Optional[Path] = typer.Option(None, help="Where the GroupLens files are (ml-1m, ml-100k)."),
+    users: int = typer.Option(200, min=1, help="Sampled test users."),
+    requests_per_user: int = typer.Option(3, min=1, help="Requests per user (fresh negatives each), interleaved."),
+    candidates: int = typer.Option(20, min=2, help="Candidates per request: the positive plus C-1 negatives."),
+    history: int = typer.Option(20, min=0, help="History items per request (most recent)."),
+    negatives: str = typer.Option("popularity", help="Negative sampling: popularity | uniform."),
+    systems: str = typer.Option(
+        "full,prefix,rcllm:boundary:2,rcllm:deviation:0.15,rcllm:none", help="Systems to compare, comma-separated."
+    ),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    cache: Optional[Path] = typer.Option(None, help="Block cache to use (default: built or reused under the user cache)."),
+    hot_tier_mb: int = typer.Option(256, help="rcllm's in-memory block tier in MiB; the prefix cache gets the same."),
+    calibration: str = typer.Option("contextual", help="Label-bias correction: contextual | none."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16."),
+    seed: int = typer.Option(0, help="Seed for users, negatives and request order."),
+    threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result object to this file."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG: TTFT per system, HR@10 with baselines."),
+) -> None:
+    """TTFT, HR@K and fidelity of full prefill, prefix caching and rcllm on the same requests."""
+    from rich.progress import Progress
+
+    from rcllm.data.loaders import load_dataset
+    from rcllm.engine import open_ranker
+    from rcllm.eval.report import plot_result, print_result
+    from rcllm.eval.runner import EvalSettings, prepare_block_source, run_eval
+
+    _set_threads(threads)
+    settings = EvalSettings(
+        users=users, requests_per_user=requests_per_user, candidates=candidates, history=history,
+        negatives=negatives, seed=seed, hot_tier_bytes=hot_tier_mb << 20,
+    )
+    try:
+        data = load_dataset(dataset, data_dir=data_dir)
+        ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration)
+        with Progress(console=err, transient=True) as progress:
+            source = prepare_block_source(ranker, data, settings, cache, progress=progress)
+            task = progress.add_task("ranking", total=None)
+            result = run_eval(
+                ranker, data, systems, settings, source, model_name=model, device=device,
+                progress=lambda name: progress.update(task, advance=1, description=f"ranking ({name})"),
+            )
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    print_result(result, console)
+    if json_out:
+        _write_json(json_out, result)
+        console.print(f"wrote {json_out}")
+    if plot:
+        console.print(f"wrote {plot_result(result, plot)}")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
 
 
 def main() -> None:  # pragma: no cover - console entry

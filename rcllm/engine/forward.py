@@ -12,6 +12,7 @@ stock transformers forward cannot recompute a different subset of tokens in ever
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -245,3 +246,54 @@ class BlockEngine:
             fingerprint=self.fingerprint,
             context=context_hash(context_ids),
         )
+
+    @torch.inference_mode()
+    def compute_blocks(self, blocks: Sequence[torch.Tensor], context: BlockKV, batch_size: int = 16) -> list[BlockKV]:
+        """``compute_block`` for many blocks after one context block, batched.
+
+        Each batch row is [block][padding] through the stock forward, over the context's cached
+        KV: padding only follows a block's tokens, so under causal attention it cannot change
+        them, and no mask is needed. Rows are grouped by length to keep padding small.
+        """
+        from transformers import DynamicCache
+
+        if context.base_pos != 0:
+            raise ValueError("a block context must start at position 0")
+        self._check_block(context, "context")
+        blocks = [torch.as_tensor(b, dtype=torch.long).flatten().cpu() for b in blocks]
+        if any(b.numel() == 0 for b in blocks):
+            raise ValueError("cannot compute the KV of an empty block")
+        decoder = self.lm.model.model
+        # transformers 5 renamed past_key_values to cache; accept whichever this version takes
+        cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        c = context.n_tokens
+        ctx_hash = context_hash(context.token_ids)
+        ctx_k, ctx_v = context.keys.to(self.device, self.dtype), context.values.to(self.device, self.dtype)
+        out: list[BlockKV | None] = [None] * len(blocks)
+        order = sorted(range(len(blocks)), key=lambda i: blocks[i].numel())
+        for first in range(0, len(order), batch_size):
+            rows = order[first : first + batch_size]
+            width = max(blocks[i].numel() for i in rows)
+            self._check_length(c + width)
+            ids = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, : blocks[i].numel()] = blocks[i]
+            cache = DynamicCache(config=self.lm.model.config)
+            for layer in range(self.n_layers):
+                shape = (len(rows), -1, -1, -1)
+                cache.update(ctx_k[layer][None].expand(shape), ctx_v[layer][None].expand(shape), layer)
+            result = decoder(input_ids=ids.to(self.device), use_cache=True, **{cache_arg: cache})
+            cache = result[cache_arg]
+            keys = torch.stack([layer.keys for layer in cache.layers], dim=1)
+            values = torch.stack([layer.values for layer in cache.layers], dim=1)
+            for r, i in enumerate(rows):
+                n = blocks[i].numel()
+                out[i] = BlockKV(
+                    token_ids=blocks[i],
+                    keys=keys[r, :, :, c : c + n].clone(),
+                    values=values[r, :, :, c : c + n].clone(),
+                    base_pos=c,
+                    fingerprint=self.fingerprint,
+                    context=ctx_hash,
+                )
+        return out

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Mapping, Sequence
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
@@ -30,3 +31,58 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
 def kl_divergence(p: Sequence[float], q: Sequence[float], eps: float = 1e-12) -> float:
     """KL(p || q) of two distributions over the same candidates."""
     return float(sum(pi * math.log((pi + eps) / (qi + eps)) for pi, qi in zip(p, q) if pi > 0))
+
+
+# --- ranking quality with one relevant item (the positive); ranks are 0-based ---------------
+
+
+def rank_of(order: Sequence[int], positive_index: int) -> int:
+    """Where the positive landed: ``order`` lists candidate indices best first."""
+    try:
+        return list(order).index(positive_index)
+    except ValueError:
+        raise ValueError(f"candidate {positive_index} is not in the ranking {list(order)}") from None
+
+
+def hit_rate(rank: int, k: int) -> float:
+    return 1.0 if rank < k else 0.0
+
+
+def ndcg(rank: int, k: int) -> float:
+    """With a single relevant item the ideal DCG is 1, so NDCG is its discounted gain."""
+    return 1.0 / math.log2(rank + 2) if rank < k else 0.0
+
+
+def mrr(rank: int) -> float:
+    return 1.0 / (rank + 1)
+
+
+def summarize(ranks: Sequence[int]) -> dict[str, float]:
+    """Mean HR@1/5/10, NDCG@10 and MRR over requests, keyed as in the eval JSON."""
+    if not ranks:
+        raise ValueError("no ranks to summarize")
+    n = len(ranks)
+    return {
+        "hr@1": sum(hit_rate(r, 1) for r in ranks) / n,
+        "hr@5": sum(hit_rate(r, 5) for r in ranks) / n,
+        "hr@10": sum(hit_rate(r, 10) for r in ranks) / n,
+        "ndcg@10": sum(ndcg(r, 10) for r in ranks) / n,
+        "mrr": sum(mrr(r) for r in ranks) / n,
+    }
+
+
+# --- baselines reported beside every model ---------------------------------------------------
+
+
+def random_ranking(n: int, rng: random.Random) -> list[int]:
+    """A uniformly random order of ``n`` candidates (HR@10 = 10/n in expectation)."""
+    order = list(range(n))
+    rng.shuffle(order)
+    return order
+
+
+def popularity_ranking(candidates: Sequence[str], popularity: Mapping[str, int]) -> list[int]:
+    """Candidate indices by interaction count, most popular first; ties keep prompt order. Pass
+    counts that leave out the test positives (``Dataset.popularity(exclude_last=1)``), or the
+    baseline sees the answers."""
+    return sorted(range(len(candidates)), key=lambda i: -popularity.get(candidates[i], 0))

@@ -1,0 +1,86 @@
+"""How an eval result is shown: a rich table, and a PNG of latency and quality per system."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def result_table(result: dict) -> Table:
+    table = Table(
+        title=(
+            f"rcllm eval: {result['dataset']}, {result['n_requests']} requests from {result['n_users']} users, "
+            f"{result['candidates']} candidates, {result['model']} on {result['device']} "
+            f"(label-bias correction: {result['calibration']})"
+        )
+    )
+    for column in ("system", "TTFT mean", "p50", "p99", "vs full", "HR@1", "HR@10", "NDCG@10", "MRR",
+                   "user hit", "item hit", "recomputed", "top-1 agree", "tau", "KL", "dHR@10"):
+        table.add_column(column, justify="left" if column == "system" else "right")
+    systems = result["systems"]
+    base = systems["full"]["ttft_ms"]["mean"] if "full" in systems else None
+    for name, s in systems.items():
+        t, f = s["ttft_ms"], s.get("fidelity")
+        table.add_row(
+            name, f"{t['mean']:.1f} ms", f"{t['p50']:.1f}", f"{t['p99']:.1f}",
+            f"{base / t['mean']:.2f}x" if base else "-",
+            f"{s['hr@1']:.3f}", f"{s['hr@10']:.3f}", f"{s['ndcg@10']:.3f}", f"{s['mrr']:.3f}",
+            f"{s['hit_ratio']['user']:.2f}", f"{s['hit_ratio']['item']:.2f}", f"{s['recomputed_fraction']:.0%}",
+            *( [f"{f['top1_agree']:.3f}", f"{f['kendall_tau']:.3f}", f"{f['kl']:.4f}", f"{f['hr@10_delta']:+.3f}"]
+               if f else ["-"] * 4 ),
+        )
+    for name, b in result["baselines"].items():
+        table.add_row(f"[dim]{name} (no model)[/]", "", "", "", "", f"{b['hr@1']:.3f}", f"{b['hr@10']:.3f}",
+                      f"{b['ndcg@10']:.3f}", f"{b['mrr']:.3f}", *[""] * 7)
+    return table
+
+
+def print_result(result: dict, console: Console | None = None) -> None:
+    (console or Console()).print(result_table(result))
+
+
+def plot_result(result: dict, path: str | Path) -> Path:
+    """TTFT per system (box plot) and HR@10 per system with the random and popularity lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    systems = result["systems"]
+    names = list(systems)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    means = [systems[n]["ttft_ms"]["mean"] for n in names]
+    p50 = [systems[n]["ttft_ms"]["p50"] for n in names]
+    p99 = [systems[n]["ttft_ms"]["p99"] for n in names]
+    x = range(len(names))
+    ax1.bar(x, means, color="#4c72b0", label="mean")
+    ax1.errorbar(x, p50, yerr=[[0] * len(names), [b - a for a, b in zip(p50, p99)]], fmt="o", color="black",
+                 capsize=4, label="p50 to p99")
+    ax1.set_xticks(list(x), names, rotation=20, ha="right")
+    ax1.set_ylabel("time to first token (ms)")
+    ax1.set_title("latency")
+    ax1.legend()
+    ax2.bar(x, [systems[n]["hr@10"] for n in names], color="#55a868")
+    for base, style in (("random", ":"), ("popularity", "--")):
+        ax2.axhline(result["baselines"][base]["hr@10"], linestyle=style, color="gray", label=base)
+    ax2.set_xticks(list(x), names, rotation=20, ha="right")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("HR@10")
+    ax2.set_title(f"quality ({result['dataset']}, {result['candidates']} candidates)")
+    ax2.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

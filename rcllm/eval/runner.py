@@ -1,0 +1,138 @@
+"""``rcllm eval``: every system on one seeded request stream, then quality, latency and fidelity."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rcllm.data.dataset import Dataset
+from rcllm.data.sampling import RankingRequest, sample_requests
+from rcllm.engine.prompt import item_text
+from rcllm.engine.ranker import BlockSource, Ranker, Ranking
+from rcllm.eval.metrics import kendall_tau, kl_divergence, popularity_ranking, random_ranking, rank_of, summarize
+from rcllm.eval.systems import FullSystem, PrefixSystem, RcllmSystem, parse_systems
+
+
+@dataclass
+class EvalSettings:
+    users: int = 200
+    requests_per_user: int = 3
+    candidates: int = 20
+    history: int = 20
+    negatives: str = "popularity"
+    seed: int = 0
+    hot_tier_bytes: int = 256 << 20  # rcllm's in-memory tier; the prefix cache gets the same budget
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+
+    return {"mean": statistics.fmean(ordered), "p50": pct(50), "p90": pct(90), "p99": pct(99)}
+
+
+def _fidelity(full: list[Ranking], other: list[Ranking], full_ranks: list[int], ranks: list[int]) -> dict[str, float]:
+    n = len(full)
+    hr10 = lambda rs: sum(r < 10 for r in rs) / len(rs)  # noqa: E731
+    return {
+        "top1_agree": sum(a.order[0] == b.order[0] for a, b in zip(full, other)) / n,
+        "kendall_tau": statistics.fmean(kendall_tau(a.scores, b.scores) for a, b in zip(full, other)),
+        "kl": statistics.fmean(kl_divergence(a.scores, b.scores) for a, b in zip(full, other)),
+        "hr@10_delta": hr10(ranks) - hr10(full_ranks),
+    }
+
+
+def _system_summary(rankings: list[Ranking], ranks: list[int]) -> dict:
+    requests = len(rankings)
+    item_lookups = sum(r.item_hits + r.item_misses for r in rankings)
+    user_known = [r.user_hit for r in rankings if r.user_hit is not None]
+    return {
+        "ttft_ms": _percentiles([r.ttft_ms for r in rankings]),
+        **summarize(ranks),
+        "hit_ratio": {
+            "user": sum(user_known) / len(user_known) if user_known else 0.0,
+            "item": sum(r.item_hits for r in rankings) / item_lookups if item_lookups else 0.0,
+        },
+        "recomputed_fraction": statistics.fmean(r.recomputed_fraction for r in rankings),
+        "prompt_tokens": statistics.fmean(r.prompt_tokens for r in rankings),
+        "requests": requests,
+    }
+
+
+def run_eval(
+    ranker: Ranker,
+    dataset: Dataset,
+    systems: str | Sequence[str],
+    settings: EvalSettings,
+    block_source: Callable[[], BlockSource],
+    model_name: str,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+    requests: list[RankingRequest] | None = None,
+) -> dict:
+    """Run ``systems`` on the same seeded request stream; returns the ``--json`` object.
+
+    ``block_source`` makes the rcllm systems' block source (a built cache behind a hot tier);
+    each rcllm system gets its own, so no system warms another's cache.
+    """
+    names = parse_systems(systems)
+    if requests is None:
+        requests = sample_requests(
+            dataset, settings.users, history=settings.history, candidates=settings.candidates,
+            negatives=settings.negatives, seed=settings.seed, requests_per_user=settings.requests_per_user,
+        )
+    if not requests:
+        raise ValueError(f"{dataset.name}: no user qualifies for a leave-one-out request")
+    texts = {i: item_text(item) for i, item in dataset.items.items()}
+    prompts = [([texts[i] for i in r.history], [texts[i] for i in r.candidates]) for r in requests]
+    positives = [r.candidates.index(r.positive) for r in requests]
+    for size in {len(r.candidates) for r in requests}:
+        if ranker.calibration == "contextual":
+            ranker.label_prior(min(size, ranker.builder.max_candidates))  # once, before any timing
+
+    built = {}
+    for name in names:
+        if name == "full":
+            built[name] = FullSystem(ranker)
+        elif name == "prefix":
+            built[name] = PrefixSystem(ranker, settings.hot_tier_bytes)
+        else:
+            built[name] = RcllmSystem(ranker, name.removeprefix("rcllm:"), block_source())
+    if "full" not in built:  # fidelity is measured against full prefill, which then runs untimed
+        built = {"full": FullSystem(ranker), **built}
+
+    rankings: dict[str, list[Ranking]] = {name: [] for name in built}
+    for name, system in built.items():
+        for history, candidates in prompts:
+            rankings[name].append(system.rank(history, candidates))
+            if progress:
+                progress(name)
+    ranks = {name: [rank_of(r.order, p) for r, p in zip(rs, positives)] for name, rs in rankings.items()}
+
+    out_systems = {}
+    for name in names:
+        summary = _system_summary(rankings[name], ranks[name])
+        if name != "full":
+            summary["fidelity"] = _fidelity(rankings["full"], rankings[name], ranks["full"], ranks[name])
+        out_systems[name] = summary
+
+    rng = random.Random(settings.seed)
+    popularity = dataset.popularity(exclude_last=1)
+    random_ranks = [rank_of(random_ranking(len(r.candidates), rng), p) for r, p in zip(requests, positives)]
+    pop_ranks = [rank_of(popularity_ranking(r.candidates, popularity), p) for r, p in zip(requests, positives)]
+    return {
+        "dataset": dataset.name,
+        "model": model_name,
+        "device": device,
+        "n_users": len({r.user_id for r in requests}),
+        "n_requests": len(requests),
+        "candidates": settings.candidates,
+        "seed": settings.seed,
+        "calibration": ranker.calibration,
+        "systems": out_systems,
+        "baselines": {"random": summarize(random_ranks), "popularity": summarize(pop_ranks)},
+    }

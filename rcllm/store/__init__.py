@@ -1,0 +1,19 @@
+"""Where KV lives on disk: the per-node block store (shards + index) and the cache manifest."""
+
+from rcllm.store.manifest import (
+    IncompatibleCacheError,
+    Manifest,
+    check_compatible,
+    default_nodes,
+    model_record,
+    node_dir,
+    placement_dir,
+    users_dir,
+)
+from rcllm.store.shards import BlockStore, CorruptBlockError, block_from_bytes, block_to_bytes
+
+__all__ = [
+    "BlockStore", "CorruptBlockError", "IncompatibleCacheError", "Manifest", "block_from_bytes",
+    "block_to_bytes", "check_compatible", "default_nodes", "model_record", "node_dir",
+    "placement_dir", "users_dir",
+]
