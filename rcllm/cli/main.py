@@ -20,7 +20,8 @@ app = typer.Typer(
 model_app = typer.Typer(help="Manage models (the embedded default and your own).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
-console = Console()
+# Tables are wide: when output is piped, don't squeeze them into rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 MODEL_HELP = "Model: the embedded 'smollm2-135m', a local folder, or a Hugging Face id."
@@ -347,7 +348,7 @@ def eval_command(
     from rcllm.data.loaders import load_dataset
     from rcllm.engine import open_ranker
     from rcllm.eval.report import plot_result, print_result
-    from rcllm.eval.runner import EvalSettings, prepare_block_source, run_eval
+    from rcllm.eval.runner import EvalSettings, prepare_block_source, run_eval, sample_eval_requests
 
     _set_threads(threads)
     settings = EvalSettings(
@@ -357,11 +358,12 @@ def eval_command(
     try:
         data = load_dataset(dataset, data_dir=data_dir)
         ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration)
+        requests = sample_eval_requests(data, settings)
         with Progress(console=err, transient=True) as progress:
-            source = prepare_block_source(ranker, data, settings, cache, progress=progress)
+            source = prepare_block_source(ranker, data, settings, cache, progress=progress, requests=requests)
             task = progress.add_task("ranking", total=None)
             result = run_eval(
-                ranker, data, systems, settings, source, model_name=model, device=device,
+                ranker, data, systems, settings, source, model_name=model, device=device, requests=requests,
                 progress=lambda name: progress.update(task, advance=1, description=f"ranking ({name})"),
             )
     except (FileNotFoundError, ValueError) as e:

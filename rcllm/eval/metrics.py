@@ -30,7 +30,8 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
 
 def kl_divergence(p: Sequence[float], q: Sequence[float], eps: float = 1e-12) -> float:
     """KL(p || q) of two distributions over the same candidates."""
-    return float(sum(pi * math.log((pi + eps) / (qi + eps)) for pi, qi in zip(p, q) if pi > 0))
+    # clamped: rounding can make the KL of two equal distributions a hair below zero
+    return max(0.0, float(sum(pi * math.log((pi + eps) / (qi + eps)) for pi, qi in zip(p, q) if pi > 0)))
 
 
 # --- ranking quality with one relevant item (the positive); ranks are 0-based ---------------

@@ -10,37 +10,44 @@ from rich.console import Console
 from rich.table import Table
 
 
-def result_table(result: dict) -> Table:
-    table = Table(
-        title=(
-            f"rcllm eval: {result['dataset']}, {result['n_requests']} requests from {result['n_users']} users, "
-            f"{result['candidates']} candidates, {result['model']} on {result['device']} "
-            f"(label-bias correction: {result['calibration']})"
-        )
+def result_tables(result: dict) -> tuple[Table, Table]:
+    """Latency and cache behaviour per system; then quality, fidelity and the model-free baselines."""
+    title = (
+        f"rcllm eval: {result['dataset']}, {result['n_requests']} requests from {result['n_users']} users, "
+        f"{result['candidates']} candidates, {result['model']} on {result['device']}"
     )
-    for column in ("system", "TTFT mean", "p50", "p99", "vs full", "HR@1", "HR@10", "NDCG@10", "MRR",
-                   "user hit", "item hit", "recomputed", "top-1 agree", "tau", "KL", "dHR@10"):
-        table.add_column(column, justify="left" if column == "system" else "right")
     systems = result["systems"]
     base = systems["full"]["ttft_ms"]["mean"] if "full" in systems else None
+    latency = Table(title=title)
+    for column in ("system", "TTFT mean ms", "p50", "p90", "p99", "vs full", "user hit", "item hit", "recomputed"):
+        latency.add_column(column, justify="left" if column == "system" else "right")
     for name, s in systems.items():
-        t, f = s["ttft_ms"], s.get("fidelity")
-        table.add_row(
-            name, f"{t['mean']:.1f} ms", f"{t['p50']:.1f}", f"{t['p99']:.1f}",
+        t = s["ttft_ms"]
+        latency.add_row(
+            name, f"{t['mean']:.1f}", f"{t['p50']:.1f}", f"{t['p90']:.1f}", f"{t['p99']:.1f}",
             f"{base / t['mean']:.2f}x" if base else "-",
-            f"{s['hr@1']:.3f}", f"{s['hr@10']:.3f}", f"{s['ndcg@10']:.3f}", f"{s['mrr']:.3f}",
             f"{s['hit_ratio']['user']:.2f}", f"{s['hit_ratio']['item']:.2f}", f"{s['recomputed_fraction']:.0%}",
-            *( [f"{f['top1_agree']:.3f}", f"{f['kendall_tau']:.3f}", f"{f['kl']:.4f}", f"{f['hr@10_delta']:+.3f}"]
-               if f else ["-"] * 4 ),
+        )
+    quality = Table(title=f"quality and fidelity to full prefill (label-bias correction: {result['calibration']})")
+    for column in ("system", "HR@1", "HR@5", "HR@10", "NDCG@10", "MRR", "top-1 agree", "tau", "KL", "dHR@10"):
+        quality.add_column(column, justify="left" if column == "system" else "right")
+    for name, s in systems.items():
+        f = s.get("fidelity")
+        quality.add_row(
+            name, f"{s['hr@1']:.3f}", f"{s['hr@5']:.3f}", f"{s['hr@10']:.3f}", f"{s['ndcg@10']:.3f}", f"{s['mrr']:.3f}",
+            *([f"{f['top1_agree']:.3f}", f"{f['kendall_tau']:.3f}", f"{f['kl']:.4f}", f"{f['hr@10_delta']:+.3f}"]
+              if f else ["-"] * 4),
         )
     for name, b in result["baselines"].items():
-        table.add_row(f"[dim]{name} (no model)[/]", "", "", "", "", f"{b['hr@1']:.3f}", f"{b['hr@10']:.3f}",
-                      f"{b['ndcg@10']:.3f}", f"{b['mrr']:.3f}", *[""] * 7)
-    return table
+        quality.add_row(f"[dim]{name} (no model)[/]", f"{b['hr@1']:.3f}", f"{b['hr@5']:.3f}", f"{b['hr@10']:.3f}",
+                        f"{b['ndcg@10']:.3f}", f"{b['mrr']:.3f}", "", "", "", "")
+    return latency, quality
 
 
 def print_result(result: dict, console: Console | None = None) -> None:
-    (console or Console()).print(result_table(result))
+    console = console or Console()
+    for table in result_tables(result):
+        console.print(table)
 
 
 def plot_result(result: dict, path: str | Path) -> Path:

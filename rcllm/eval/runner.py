@@ -6,6 +6,7 @@ import random
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from rcllm.data.dataset import Dataset
 from rcllm.data.sampling import RankingRequest, sample_requests
@@ -24,6 +25,14 @@ class EvalSettings:
     negatives: str = "popularity"
     seed: int = 0
     hot_tier_bytes: int = 256 << 20  # rcllm's in-memory tier; the prefix cache gets the same budget
+
+
+def sample_eval_requests(dataset: Dataset, settings: EvalSettings) -> list[RankingRequest]:
+    """The seeded, interleaved request stream every system runs on."""
+    return sample_requests(
+        dataset, settings.users, history=settings.history, candidates=settings.candidates,
+        negatives=settings.negatives, seed=settings.seed, requests_per_user=settings.requests_per_user,
+    )
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -81,10 +90,7 @@ def run_eval(
     """
     names = parse_systems(systems)
     if requests is None:
-        requests = sample_requests(
-            dataset, settings.users, history=settings.history, candidates=settings.candidates,
-            negatives=settings.negatives, seed=settings.seed, requests_per_user=settings.requests_per_user,
-        )
+        requests = sample_eval_requests(dataset, settings)
     if not requests:
         raise ValueError(f"{dataset.name}: no user qualifies for a leave-one-out request")
     texts = {i: item_text(item) for i, item in dataset.items.items()}
@@ -136,3 +142,56 @@ def run_eval(
         "systems": out_systems,
         "baselines": {"random": summarize(random_ranks), "popularity": summarize(pop_ranks)},
     }
+
+
+def prepare_block_source(
+    ranker: Ranker,
+    dataset: Dataset,
+    settings: EvalSettings,
+    cache_dir: Path | None = None,
+    progress=None,
+    requests: list[RankingRequest] | None = None,
+) -> Callable[[], BlockSource]:
+    """Build (or reuse and complete) the block cache for this dataset and the requests' users,
+    before anything is timed; returns a factory of block sources over it, each with its own
+    hot tier and all sharing the disk stores (a store is opened once per process)."""
+    from rcllm.build.pipeline import BuildOptions, Reporter, build_cache
+    from rcllm.data.catalog import write_catalog
+    from rcllm.data.formats import write_histories
+    from rcllm.engine.models import user_cache_dir
+    from rcllm.store import BlockStore, node_dir, users_dir
+    from rcllm.store.tiered import TieredBlockSource
+
+    if requests is None:
+        requests = sample_eval_requests(dataset, settings)
+    lm = ranker.engine.lm
+    if cache_dir is None:
+        tag = f"{dataset.name}-{lm.fingerprint[:12]}-{str(lm.dtype).removeprefix('torch.')}"
+        cache_dir = user_cache_dir() / "eval-caches" / tag
+    cache_dir = Path(cache_dir)
+    inputs = cache_dir / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    sequences = dataset.user_sequences()
+    # The build's history block of a user is its last `history` items: give it everything before
+    # the held-out positive, and it precomputes exactly the eval requests' history blocks.
+    histories = {}
+    for r in requests:
+        seq = sequences[r.user_id]
+        histories[r.user_id] = seq[: seq.index(r.positive)] if r.positive in seq else seq[:-1]
+    write_catalog(list(dataset.items.values()), inputs / "catalog.jsonl")
+    write_histories(histories, inputs / "histories.jsonl")
+
+    class _Reporter(Reporter):
+        def phase(self, name, total):
+            if progress is None:
+                return super().phase(name, total)
+            task = progress.add_task(f"cache: {name}", total=total)
+            return lambda n=1: progress.advance(task, n)
+
+    options = BuildOptions(out=cache_dir, nodes=1, model=lm.name, users=inputs / "histories.jsonl",
+                           history=settings.history, device=str(lm.device))
+    build_cache(inputs / "catalog.jsonl", options, _Reporter(), ranker=ranker)
+    stores = [BlockStore.open_readonly(node_dir(cache_dir, 0)), BlockStore.open_readonly(users_dir(cache_dir))]
+    context = ranker.engine.compute_block(ranker.builder.system_ids(), ())
+    return lambda: TieredBlockSource(ranker, stores, settings.hot_tier_bytes, context=context)
+

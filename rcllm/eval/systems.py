@@ -69,7 +69,7 @@ class PrefixSystem:
         ids = torch.cat([s.token_ids for s in segments])
         result, hit = self.cache.forward(ids)
         ttft_ms = (time.perf_counter() - start) * 1000.0
-        # which blocks the reused prefix covered: the history, and any item wholly inside it
+        # what the reused prefix covered: part of the history, and any item wholly inside it
         ends, pos = {}, 0
         for s in segments:
             pos += s.n_tokens
@@ -77,5 +77,5 @@ class PrefixSystem:
         item_hits = sum(end <= hit.tokens for end in ends.get("item", []))
         return ranker.make_ranking(
             result, n, "prefix", ttft_ms,
-            user_hit=ends["history"][0] <= hit.tokens, item_hits=item_hits, item_misses=n - item_hits,
+            user_hit=hit.tokens > ends["system"][0],  # the reused prefix reaches into the history item_hits=item_hits, item_misses=n - item_hits,
         )
