@@ -23,7 +23,7 @@ from rcllm.build.embed import get_embedder
 from rcllm.data.catalog import load_catalog, write_catalog
 from rcllm.data.formats import load_histories, load_interactions, write_histories
 from rcllm.engine.api import open_ranker
-from rcllm.engine.blocks import BlockKV
+from rcllm.engine.blocks import BlockKV, context_hash
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import Ranker, block_key
 from rcllm.store import BlockStore, Manifest, check_compatible, default_nodes, model_record, node_dir, placement_dir, users_dir
@@ -294,7 +294,7 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
     manifest = previous or Manifest()
     manifest.model = model_record(lm)
     manifest.template = ranker.builder.template.to_dict()
-    manifest.block_context = {"token_ids": ranker.builder.system_ids().tolist(), "key": context.context}
+    manifest.block_context = {"token_ids": ranker.builder.system_ids().tolist(), "key": context_hash(ranker.builder.system_ids())}
     manifest.nodes = previous.nodes if previous else default_nodes(options.nodes)
     manifest.placement = placement_summary(placement, options.embedder, options.seed)
     manifest.items = {"count": len(items), "tokens": int(tokens.sum()), "catalog_sha256": _sha256_file(out / CATALOG_COPY),
@@ -332,6 +332,20 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 # -- growing a cache ------------------------------------------------------------------------
 
 
+def _committed_placement(pdir: Path) -> tuple[pl.Placement, list[str], list[str]]:
+    """The placement, item ids and keys as last committed. ``items.json`` is written last by
+    every operation: rows beyond it belong to an append that stopped midway and are dropped."""
+    placement = pl.load_placement(pdir)
+    item_ids = json.loads((pdir / ITEM_IDS).read_text())
+    keys = json.loads((pdir / ITEM_KEYS).read_text())[: len(item_ids)]
+    n = len(item_ids)
+    if len(placement.item_cluster) < n or len(keys) < n:
+        raise ValueError(f"{pdir}: the placement files disagree with items.json; rebuild the cache")
+    placement.item_cluster = placement.item_cluster[:n]
+    placement.item_tokens = placement.item_tokens[:n]
+    return placement, item_ids, keys
+
+
 def append_items(catalog: Path, options: BuildOptions, reporter: Reporter | None = None, ranker: Ranker | None = None) -> BuildReport:
     """Place new items by nearest centroid and compute only their blocks; nothing else moves."""
     reporter = reporter or Reporter()
@@ -341,9 +355,7 @@ def append_items(catalog: Path, options: BuildOptions, reporter: Reporter | None
     ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype)
     check_compatible(manifest, ranker.engine.lm, ranker.builder.template.to_dict())
     pdir = placement_dir(out)
-    placement = pl.load_placement(pdir)
-    item_ids = json.loads((pdir / ITEM_IDS).read_text())
-    keys = json.loads((pdir / ITEM_KEYS).read_text())
+    placement, item_ids, keys = _committed_placement(pdir)
     existing = {item["id"]: item for item in load_catalog(out / CATALOG_COPY)}
     max_tokens = manifest.items.get("max_item_tokens", options.max_item_tokens)
     incoming = load_catalog(catalog, max_item_tokens=max_tokens,
@@ -375,7 +387,7 @@ def append_items(catalog: Path, options: BuildOptions, reporter: Reporter | None
                     for (key, _), block in zip(chunk, ranker.engine.compute_blocks([i for _, i in chunk], context)):
                         store.put(key, block)
                     advance(len(chunk))
-        all_embeddings = np.concatenate([np.load(pdir / EMBEDDINGS), embeddings])
+        all_embeddings = np.concatenate([np.load(pdir / EMBEDDINGS)[: len(item_ids)], embeddings])
         atomic_write(pdir / EMBEDDINGS, _npy_bytes(all_embeddings))
         pl.save_placement(placement, pdir)
         atomic_write(pdir / ITEM_KEYS, json.dumps(keys + new_keys).encode())
@@ -399,38 +411,53 @@ def append_items(catalog: Path, options: BuildOptions, reporter: Reporter | None
 
 
 def add_node(cache: Path) -> dict:
-    """Hand a new node whole clusters from the fullest nodes; move only their blocks (no model needed)."""
+    """Hand a new node whole clusters from the fullest nodes; move only their blocks (no model needed).
+
+    The grown placement is saved before the manifest names the new node, so a run that stopped
+    in between is finished by the next one instead of growing the cluster twice.
+    """
     out = Path(cache)
     manifest = Manifest.load(out)
     pdir = placement_dir(out)
-    placement = pl.load_placement(pdir)
-    keys = json.loads((pdir / ITEM_KEYS).read_text())
-    before = placement.item_node.copy()
-    grown, moved = pl.add_node(placement)
+    placement, _, keys = _committed_placement(pdir)
+    old_nodes = len(manifest.nodes)
+    if placement.n_nodes == old_nodes:
+        grown, _ = pl.add_node(placement)
+    elif placement.n_nodes == old_nodes + 1:
+        grown = placement  # an earlier add-node saved this placement, then stopped
+    else:
+        raise ValueError(f"{pdir} places items on {placement.n_nodes} nodes, the manifest lists {old_nodes}")
     new_node = grown.n_nodes - 1
+    moved = np.flatnonzero(grown.item_node == new_node)
     total = moved_bytes = 0
-    for k in range(placement.n_nodes):
-        with BlockStore.open_readonly(node_dir(out, k)) as store:
-            total += store.stats()["bytes"]
-    with BlockStore(node_dir(out, new_node), create=True) as target:
-        for k in sorted(set(before[moved].tolist())):
-            rows = [int(r) for r in moved if before[r] == k]
-            with BlockStore.open_readonly(node_dir(out, k)) as source:
-                for r in rows:
-                    data = source.get_bytes(keys[r])
-                    if data is None:
-                        raise ValueError(f"node {k} lacks the block of item row {r}: rebuild the cache")
-                    target.put_bytes(keys[r], data)
-                    moved_bytes += len(data)
+    sources = {k: BlockStore.open_readonly(node_dir(out, k)) for k in range(old_nodes)}
+    try:
+        total = sum(store.stats()["bytes"] for store in sources.values())
+        with BlockStore(node_dir(out, new_node), create=True) as target:
+            for row in moved:
+                key = keys[int(row)]
+                if key in target:
+                    continue
+                data = next((d for store in sources.values() if (d := store.get_bytes(key)) is not None), None)
+                if data is None:
+                    raise ValueError(f"no node holds the block of item row {int(row)}: rebuild the cache")
+                target.put_bytes(key, data)
+                moved_bytes += len(data)
+    finally:
+        for store in sources.values():
+            store.close()
     pl.save_placement(grown, pdir)
-    host = manifest.nodes[-1]["host"] if manifest.nodes else "127.0.0.1"
-    manifest.nodes = manifest.nodes + [{"node": new_node, "host": host, "port": max(n["port"] for n in manifest.nodes) + 1}]
+    if len(manifest.nodes) == new_node:
+        host = manifest.nodes[-1]["host"] if manifest.nodes else "127.0.0.1"
+        port = max(n["port"] for n in manifest.nodes) + 1
+        manifest.nodes = manifest.nodes + [{"node": new_node, "host": host, "port": port}]
     manifest.placement = placement_summary(grown, manifest.placement.get("embedder", "minilm"), manifest.placement.get("seed", 0))
     manifest.save(out)
-    for k in sorted(set(before[moved].tolist())):  # the new node owns them now: drop the old copies
+    moved_keys = {keys[int(r)] for r in moved}
+    for k in range(old_nodes):  # the new node owns them now: drop the old copies
         with BlockStore(node_dir(out, k)) as store:
-            store.delete_many([keys[int(r)] for r in moved if before[r] == k])
-            store.compact()
+            if store.delete_many([key for key in moved_keys if key in store]):
+                store.compact()
     return {
         "node": new_node, "nodes": grown.n_nodes, "items": int(len(moved)),
         "clusters": int(len(set(grown.item_cluster[moved].tolist()))),

@@ -29,7 +29,9 @@ POLICY_HELP = "Correction policy: none | boundary:K | deviation:R | full."
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
