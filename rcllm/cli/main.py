@@ -388,6 +388,13 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+from rcllm.cli.finetune import register as register_finetune  # noqa: E402
+from rcllm.cli.serve import register as register_serve  # noqa: E402
+
+register_serve(app)
+register_finetune(app)
+
+
 def main() -> None:  # pragma: no cover - console entry
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -1,0 +1,110 @@
+"""``rcllm finetune``: parse flags, call :func:`rcllm.train.train`, show progress and the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+DATASET_HELP = "ml-1m | ml-100k | synthetic | a folder with catalog.jsonl and interactions.jsonl."
+MODEL_HELP = "Model to start from: the embedded 'smollm2-135m', a local folder, or a Hugging Face id."
+
+
+def finetune(
+    dataset: str = typer.Option("ml-100k", help=DATASET_HELP),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    out: Path = typer.Option(
+        Path("rcllm-model"), help="Output model folder (written whole at the end; a checkpoint goes to OUT.ckpt)."
+    ),
+    method: str = typer.Option("lora", help="lora (adapter, merged into the saved weights) | full."),
+    steps: int = typer.Option(300, min=0, help="Optimizer steps (0: evaluate and save the model as it is)."),
+    batch: int = typer.Option(8, min=1, help="Training prompts per step."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 2e-4 for lora, 2e-5 for full)."),
+    history: int = typer.Option(20, min=0, help="History items per prompt (most recent)."),
+    candidates: int = typer.Option(20, min=2, max=26, help="Candidates per prompt: the positive plus C-1 negatives."),
+    block_aware: str = typer.Option(
+        "mix", help="Attention of cached reuse while training: on | mix (every other step) | off (plain causal)."
+    ),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    seed: int = typer.Option(0, help="Seed for examples, negatives, validation users and initialisation."),
+    eval_every: int = typer.Option(
+        50, min=1, help="Validate every this many steps (and before the first, after the last)."
+    ),
+    val_users: int = typer.Option(100, min=1, help="Validation users (their second-to-last item is the target)."),
+    lora_rank: int = typer.Option(16, min=1, help="LoRA rank (alpha is twice the rank)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where the GroupLens files are (ml-1m, ml-100k)."),
+    threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
+    resume: bool = typer.Option(False, help="Continue the interrupted run whose checkpoint is in OUT.ckpt."),
+) -> None:
+    """Fine-tune a ranker on the prompts it serves (time split; LoRA or full; block-aware attention)."""
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from rcllm.engine.models import UnsupportedModelError
+    from rcllm.train import TrainingInterrupted, TrainSettings, train
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    settings = TrainSettings(
+        out=out, dataset=dataset, model=model, method=method, steps=steps, batch=batch, lr=lr, history=history,
+        candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
+        val_users=val_users, lora_rank=lora_rank, data_dir=data_dir, resume=resume,
+    )
+    k = "hr@10" if candidates > 10 else "hr@1"
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
+    try:
+        with Progress(*columns, console=err) as progress:
+            task = progress.add_task("fine-tuning", total=max(steps, 1), loss="-")
+
+            def report(step: int, total: int, logs: dict) -> None:
+                if "loss" in logs:
+                    progress.update(task, loss=f"{logs['loss']:.3f}")
+                progress.update(task, completed=step)
+                if "val" in logs:
+                    v = logs["val"]
+                    progress.console.print(
+                        f"step {step}: validation {k.upper()} {v['contextual'][k]:.3f} (contextual), "
+                        f"{v['none'][k]:.3f} (uncalibrated), {v['reuse_none'][k]:.3f} (cached blocks, policy none; "
+                        f"top-1 agreement {v['reuse_none']['top1_agree']:.2f})"
+                    )
+
+            result = train(settings, progress=report)
+    except TrainingInterrupted as stop:
+        err.print(f"[yellow]{stop}[/]")
+        raise typer.Exit(130 if stop.reason == "interrupted" else 1)
+    except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
+        err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2)
+    _print_result(result.report, result.out)
+
+
+def _print_result(report: dict, out: Path) -> None:
+    final = report["final"]["val"]
+    table = Table(title=f"validation after {report['steps']} steps, {report['data']['validation_users']} users, "
+                        f"{report['settings']['candidates']} candidates")  # fmt: skip
+    for column in ("ranker", "hr@1", "hr@10", "ndcg@10", "mrr"):
+        table.add_column(column, justify="right" if column != "ranker" else "left")
+    rows = [("model, contextual", final["contextual"]), ("model, uncalibrated", final["none"]),
+            ("model, cached blocks (none)", final["reuse_none"]), ("random", report["baselines"]["random"]),
+            ("popularity", report["baselines"]["popularity"])]  # fmt: skip
+    for name, m in rows:
+        table.add_row(name, *(f"{m[c]:.3f}" for c in ("hr@1", "hr@10", "ndcg@10", "mrr")))
+    console.print(table)
+    t = report["time"]
+    rate = f"{t['steps_per_s']:.2f} steps/s, " if t["steps_per_s"] else ""
+    console.print(
+        f"{rate}training {t['training_seconds']:.0f} s, validation {t['validation_seconds']:.0f} s on "
+        f"{report['machine']['device']}; model, training.json and training.png in {out}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``finetune`` command to the ``rcllm`` app."""
+    app.command("finetune")(finetune)

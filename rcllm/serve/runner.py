@@ -1,0 +1,245 @@
+"""What one node computes, without HTTP: requests resolved against the cache, blocks it lacks
+planned (fetch or recompute), and the ranking run over its tiered block store.
+
+The node's web server (:mod:`rcllm.serve.node`) fetches the planned blocks from peers on its
+event loop, then hands the request to :meth:`NodeRunner.run` on its single engine thread; the
+routing benchmark drives several runners in one process with in-process fetches.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rcllm.build.pipeline import CATALOG_COPY, HISTORIES_COPY
+from rcllm.data.catalog import load_catalog
+from rcllm.data.formats import load_histories
+from rcllm.engine.api import DTYPES, open_ranker
+from rcllm.engine.blocks import BlockKV
+from rcllm.engine.prompt import PromptTemplate, item_text
+from rcllm.engine.ranker import Ranker
+from rcllm.serve.costs import EWMA, CostModel, kv_bytes_per_token
+from rcllm.serve.directory import ItemDirectory
+from rcllm.serve.schema import CacheStats, RecommendRequest, RecommendResponse, check_known, make_response
+from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, users_dir
+from rcllm.store.tiered import TieredBlockSource
+
+
+@dataclass
+class Job:
+    request: RecommendRequest
+    history: list[str]  # item texts, oldest first (the cache's history length at most)
+    texts: list[str]  # candidate item texts, in request order
+    rows: list[int | None]  # catalog row of each candidate; None for an inline (cold) item
+    policy: str
+
+
+@dataclass
+class NodeData:
+    """What a node reads from the cache besides its model."""
+
+    manifest: Manifest
+    directory: ItemDirectory
+    catalog: dict[str, dict]
+    histories: dict[str, list[str]]
+
+    @classmethod
+    def load(cls, cache_dir: Path) -> "NodeData":
+        manifest = Manifest.load(cache_dir)
+        catalog = {item["id"]: item for item in load_catalog(Path(cache_dir) / CATALOG_COPY)}
+        histories_file = users_dir(cache_dir) / HISTORIES_COPY
+        histories = load_histories(histories_file, items=catalog, strict=False)[0] if histories_file.is_file() else {}
+        return cls(manifest, ItemDirectory.load(cache_dir), catalog, histories)
+
+
+def open_cache_ranker(manifest: Manifest, model: str | None = None, device: str = "cpu") -> Ranker:
+    """The ranker a cache's blocks are valid for: its model (or ``model``), dtype and template;
+    refuses another model with the reason (:class:`~rcllm.store.IncompatibleCacheError`)."""
+    flags = {str(t).removeprefix("torch."): flag for flag, t in DTYPES.items()}
+    dtype = flags.get(manifest.model.get("dtype"), "fp32")
+    template = PromptTemplate.from_dict(manifest.template)
+    ranker = open_ranker(model or manifest.model["name"], device=device, dtype=dtype, template=template)
+    check_compatible(manifest, ranker.engine.lm, template.to_dict())
+    return ranker
+
+
+class NodeRunner:
+    """One node's engine over its tiered block store. :meth:`run` and :meth:`admit` must be
+    called from one thread at a time (the engine and the hot tier are not thread-safe); the
+    other methods may run on another thread concurrently."""
+
+    def __init__(
+        self, ranker: Ranker, node: int, data: NodeData, stores: list[BlockStore], hot_bytes: int,
+        policy: str = "boundary:2",
+    ):
+        self.ranker, self.node, self.data = ranker, node, data
+        self.directory = data.directory
+        self.history_len = int(data.manifest.users.get("history", 20))
+        self.policy = policy
+        self.source = TieredBlockSource(ranker, stores, hot_bytes)
+        # the compute rate's first estimate: the block context computed again, now that the
+        # first forward (lazy initialisation, allocations) is behind us
+        context_ids = self.source.context.token_ids
+        started = time.perf_counter()
+        ranker.engine.compute_block(context_ids, ())
+        context_ms = (time.perf_counter() - started) * 1000.0
+        self.costs = CostModel(kv_bytes_per_token(data.manifest.model), compute_ms_per_token=context_ms / len(context_ids))
+        self.service_ms = 0.0
+        self.requests = 0
+        self.tiers: Counter = Counter()  # item block lookups: memory, disk, peer, computed
+        self.user_lookups: Counter = Counter()  # history block: hit, miss
+        self._misses: Counter = Counter()  # catalog row -> misses since the last state() call
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls, cache_dir: Path, node: int, hot_bytes: int, policy: str = "boundary:2", model: str | None = None,
+        device: str = "cpu",
+    ) -> "NodeRunner":
+        data = NodeData.load(cache_dir)
+        if not 0 <= node < len(data.manifest.nodes):
+            raise ValueError(f"--node {node}: the cache at {cache_dir} has nodes 0..{len(data.manifest.nodes) - 1}")
+        ranker = open_cache_ranker(data.manifest, model, device)
+        stores = [BlockStore.open_readonly(node_dir(cache_dir, node))]
+        if (users_dir(cache_dir) / "index.lmdb").is_dir():
+            stores.append(BlockStore.open_readonly(users_dir(cache_dir)))
+        return cls(ranker, node, data, stores, hot_bytes, policy)
+
+    def close(self) -> None:
+        for store in self.source.stores:
+            store.close()
+
+    # -- before the engine thread (any thread) ---------------------------------------------
+
+    def prepare(self, request: RecommendRequest) -> Job:
+        """Resolve ids to texts; raises RequestError for ids or users the cache does not know."""
+        catalog, histories = self.data.catalog, self.data.histories
+        check_known(request, catalog.__contains__, histories.__contains__)
+        history = request.history if request.history is not None else histories[request.user_id]
+        recent = history[-self.history_len :] if self.history_len else []
+        texts, rows = [], []
+        for c in request.candidates:
+            texts.append(item_text(c.item if c.item is not None else catalog[c.id]))
+            rows.append(None if c.item is not None else self.directory.row.get(c.id))
+        return Job(request, [item_text(catalog[i]) for i in recent], texts, rows, request.policy or self.policy)
+
+    def lacking(self, job: Job) -> list[int]:
+        """Catalog rows of the job's candidates this node holds neither in memory nor on disk."""
+        keys = self.directory.keys
+        return [r for r in job.rows if r is not None and self.source.locate(keys[r]) is None]
+
+    def plan_fetch(self, rows: list[int], peer_up: Callable[[int], bool]) -> dict[int, list[int]]:
+        """Rows worth fetching, by the peer that holds them: the owner is up and fetching is
+        estimated cheaper than recomputing. The rest will be recomputed."""
+        plan: dict[int, list[int]] = {}
+        for r in rows:
+            owner = self.directory.owner[r]
+            if owner != self.node and peer_up(owner) and self.costs.should_fetch(self.directory.tokens[r]):
+                plan.setdefault(owner, []).append(r)
+        return plan
+
+    def state(self) -> dict:
+        """Load, hot tier, costs and the per-item misses since the last call (which resets them)."""
+        with self._lock:
+            misses, self._misses = self._misses, Counter()
+        directory, node = self.directory, self.node
+        # tuple() of the OrderedDict runs in C under the GIL: a consistent snapshot even while
+        # the engine thread admits and evicts
+        hot = tuple(self.source.hot)
+        rows = (directory.row_by_key.get(k) for k in hot)
+        replicas = [directory.ids[r] for r in rows if r is not None and directory.owner[r] != node]
+        return {
+            "node": node,
+            "service_ms": round(self.service_ms, 3),
+            "requests": self.requests,
+            "costs": self.costs.to_dict(),
+            "hot": {"blocks": len(hot), "bytes": self.source.hot_used, "budget": self.source.hot_bytes},
+            "replicas": replicas,
+            "misses": {directory.ids[r]: n for r, n in misses.items()},
+            "tiers": dict(self.tiers),
+            "user_lookups": dict(self.user_lookups),
+        }
+
+    # -- on the engine thread -----------------------------------------------------------------
+
+    def admit(self, blocks: dict[str, BlockKV]) -> dict[str, BlockKV]:
+        """Blocks brought from peers (on the CPU) join the hot tier on the engine's device; returns them there."""
+        device = self.ranker.engine.device
+        placed = {}
+        for key, block in blocks.items():
+            if block.keys.device != device:
+                block = BlockKV(block.token_ids, block.keys.to(device), block.values.to(device), block.base_pos,
+                                block.fingerprint, block.context)
+            self.source.admit(key, block)
+            placed[key] = block
+        return placed
+
+    def run(self, job: Job, fetched: dict[str, BlockKV] | None = None, fetch_ms: float = 0.0) -> RecommendResponse:
+        """Rank the job. Blocks in ``fetched`` (key -> block, brought from peers) join the hot
+        tier; other blocks it lacks are recomputed here (timed: the cost model's compute rate).
+        ``ttft_ms`` counts the fetch time, the recomputes and the ranking forward."""
+        started = time.perf_counter()
+        fetched = fetched or {}
+        source, builder, keys = self.source, self.ranker.builder, self.directory.keys
+        # Where each candidate's block is, looked up before anything new enters the hot tier:
+        # admitting may evict, and a block this request found in memory must not be lost.
+        held: dict[str, BlockKV] = {}  # this request's blocks that only memory holds
+        found: list[tuple[str, str | None, object, int | None]] = []  # key, tier, token ids, row
+        for text, row in zip(job.texts, job.rows):
+            ids = builder.item_ids(text) if row is None else None
+            key = keys[row] if row is not None else source.key(ids)
+            tier = "peer" if key in fetched else source.locate(key)
+            if tier == "memory":
+                held[key] = source.hot[key]
+            found.append((key, tier, ids, row))
+        fetched = self.admit(fetched)
+        hits = misses = 0
+        missed_rows = []
+        for (key, tier, ids, row), text in zip(found, job.texts):
+            if tier == "peer":
+                held[key] = fetched[key]
+            elif tier is None:
+                tier = "computed"
+                ids = builder.item_ids(text) if ids is None else ids
+                t = time.perf_counter()
+                held[key] = block = self.ranker.engine.compute_block(ids, source.context)
+                self.costs.observe_compute(ids.numel(), (time.perf_counter() - t) * 1000.0)
+                source.admit(key, block)
+            self.tiers[tier] += 1
+            if tier in ("memory", "disk"):
+                hits += 1
+            else:
+                misses += 1
+                if row is not None:
+                    missed_rows.append(row)
+        request = job.request
+        ranking = self.ranker.rank(job.history, job.texts, job.policy, cache=_Held(source, held),
+                                   max_new_tokens=request.max_new_tokens)
+        elapsed = (time.perf_counter() - started) * 1000.0
+        self.service_ms = elapsed if not self.requests else self.service_ms + EWMA * (elapsed - self.service_ms)
+        self.requests += 1
+        self.user_lookups["hit" if ranking.user_hit else "miss"] += 1
+        with self._lock:
+            self._misses.update(missed_rows)
+        stats = CacheStats(
+            user_hit=ranking.user_hit, item_hits=hits, item_misses=misses,
+            recomputed_tokens=ranking.recomputed_tokens, prompt_tokens=ranking.prompt_tokens,
+        )
+        return make_response(request, ranking.order, ranking.scores, fetch_ms + elapsed, self.node, stats, ranking.text)
+
+
+class _Held:
+    """The tiered source, with one request's memory-only blocks held for the length of its
+    forward: a hot tier smaller than a request evicts some of them as the others come in, and
+    the ranking must not recompute what this request just fetched or computed."""
+
+    def __init__(self, source: TieredBlockSource, held: dict[str, BlockKV]):
+        self.source, self.held, self.context = source, held, source.context
+
+    def get(self, kind: str, token_ids) -> tuple[BlockKV, bool]:
+        block = self.held.get(self.source.key(token_ids)) if kind == "item" else None
+        return (block, True) if block is not None else self.source.get(kind, token_ids)

@@ -1,0 +1,131 @@
+"""A differentiable forward pass over ranking prompts, plain or with the attention of cached reuse.
+
+Plain, it is the model's causal forward. Block-aware, each history and item block computes its
+hidden states exactly as the block cache did: attending to the system prefix and to itself,
+*at its base position* ``len(system)`` (where the cache computed it), while the labels and the
+instruction read the block's keys at the block's real place in the prompt (where serving
+re-rotates them). A key of a block token is therefore needed at two positions in the same layer:
+
+- its base position, for the queries of its own block (which sit at base positions too);
+- its real position, for the fresh tokens that follow.
+
+A masked stock forward with ordinary position ids gets the second right and the first wrong:
+the distance from a block token to the system prefix would be its real distance, not the one
+the cache used. So we walk the model's own modules (norms, projections, MLP; LoRA layers are
+plain modules there too) and attend over both copies of the keys, ``[base copy | real copy]``:
+block rows read the base copy, every other row the real copy. The result equals the engine's
+``none`` policy with every block cached, to float rounding, and gradients flow through the
+block's hidden states as well as through the tokens that read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rcllm import kernels
+from rcllm.train.examples import EncodedPrompt
+from rcllm.train.masks import block_attention_mask, block_positions, block_token_flags
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # long [B, L], right-padded
+    positions: torch.Tensor  # long [B, L]: each token's place in the prompt
+    query_positions: torch.Tensor  # long [B, L]: where each token computes (base position for block tokens)
+    mask: torch.Tensor  # bool [B, 1, L, 2L] (block-aware: base copy, then real copy) or [B, 1, L, L]
+    answer: torch.Tensor  # long [B]: index of each prompt's last token
+    targets: torch.Tensor  # long [B]: the positive's slot
+    n_candidates: int
+
+    @property
+    def block_aware(self) -> bool:
+        return self.mask.shape[-1] == 2 * self.ids.shape[1]
+
+
+def collate(prompts: Sequence[EncodedPrompt], block_aware: bool, device: torch.device | str = "cpu") -> Batch:
+    """Pad prompts into one batch with the masks and positions of a plain or block-aware forward."""
+    if not prompts:
+        raise ValueError("an empty batch")
+    n_candidates = prompts[0].n_candidates
+    if any(p.n_candidates != n_candidates for p in prompts):
+        raise ValueError("every prompt of a batch needs the same number of candidates")
+    b, width = len(prompts), max(p.ids.numel() for p in prompts)
+    ids = torch.zeros(b, width, dtype=torch.long)
+    positions = torch.arange(width).repeat(b, 1)
+    query_positions = positions.clone()
+    mask = torch.zeros(b, 1, width, 2 * width if block_aware else width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        n = prompt.ids.numel()
+        ids[row, :n] = prompt.ids
+        # padding rows see themselves only (no empty softmax row); no real row sees padding
+        pad = torch.arange(n, width)
+        mask[row, 0, pad, pad + (width if block_aware else 0)] = True
+        if not block_aware:
+            mask[row, 0, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+            continue
+        allowed = block_attention_mask(prompt.layout)
+        in_block = block_token_flags(prompt.layout)[:, None]
+        mask[row, 0, :n, :n] = allowed & in_block
+        mask[row, 0, :n, width : width + n] = allowed & ~in_block
+        query_positions[row, :n] = block_positions(prompt.layout)
+    return Batch(
+        ids=ids.to(device),
+        positions=positions.to(device),
+        query_positions=query_positions.to(device),
+        mask=mask.to(device),
+        answer=torch.tensor([p.ids.numel() - 1 for p in prompts], device=device),
+        targets=torch.tensor([p.target for p in prompts], device=device),
+        n_candidates=n_candidates,
+    )
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x`` [B, L, heads, d] at ``positions`` [B, L]; returns [B, heads, L, d]."""
+    b, n, heads, d = x.shape
+    flat = x.permute(2, 0, 1, 3).reshape(heads, b * n, d)
+    return kernels.apply_rope(flat, positions.reshape(-1), inv_freq).view(heads, b, n, d).transpose(0, 1)
+
+
+def _layer(layer, h: torch.Tensor, batch: Batch, inv_freq: torch.Tensor, head_dim: int) -> torch.Tensor:
+    attn = layer.self_attn
+    b, n, _ = h.shape
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, n, -1, head_dim)
+    k = attn.k_proj(x).view(b, n, -1, head_dim)
+    v = attn.v_proj(x).view(b, n, -1, head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = _rope(q, batch.query_positions, inv_freq)
+    keys = _rope(k, batch.positions, inv_freq)
+    if batch.block_aware:
+        keys = torch.cat([_rope(k, batch.query_positions, inv_freq), keys], dim=2)
+        v = torch.cat([v, v], dim=2)
+    o = F.scaled_dot_product_attention(
+        q, keys, v, attn_mask=batch.mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
+    )
+    h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def answer_logits(model, batch: Batch, inv_freq: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Next-token logits [B, vocab] at each prompt's last token (``model``: a *ForCausalLM)."""
+    decoder = model.model
+    h = decoder.embed_tokens(batch.ids)
+    for layer in decoder.layers:
+        h = _layer(layer, h, batch, inv_freq, head_dim)
+    last = h[torch.arange(h.shape[0], device=h.device), batch.answer]
+    return model.lm_head(decoder.norm(last))
+
+
+def label_loss(logits: torch.Tensor, batch: Batch, label_token_ids: Sequence[int]) -> torch.Tensor:
+    """Cross-entropy of the positive's label within the candidates' label tokens.
+
+    The softmax is restricted to the C label tokens because that is exactly the distribution
+    the ranker reads; mass on other tokens plays no part in a ranking.
+    """
+    ids = torch.tensor(list(label_token_ids[: batch.n_candidates]), device=logits.device)
+    return F.cross_entropy(logits[:, ids].float(), batch.targets)

@@ -1,0 +1,329 @@
+"""``rcllm finetune``: LoRA or full fine-tuning of a ranker on the prompts it will serve.
+
+One step draws a batch of training examples (:mod:`rcllm.train.examples`), encodes them with
+the serving prompt code, runs the plain or block-aware forward (:mod:`rcllm.train.forward`) and
+minimises the cross-entropy of the positive's label over the candidates' label tokens. Every
+``eval_every`` steps (and before the first and after the last) the serving ranker ranks the
+validation requests on the weights being trained. The result is a plain model folder (a LoRA
+adapter is merged) that :func:`rcllm.engine.models.load_model` opens, with ``training.json`` and
+``training.png`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from rcllm.data.dataset import Dataset
+from rcllm.engine.forward import BlockEngine
+from rcllm.engine.models import LoadedModel, load_model
+from rcllm.engine.prompt import LABELS, PromptBuilder
+from rcllm.engine.ranker import Ranker
+from rcllm.train.checkpoint import (
+    checkpoint_dir,
+    deferred_interrupt,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    write_folder,
+)
+from rcllm.train.examples import ExampleStream, PromptEncoder
+from rcllm.train.forward import answer_logits, collate, label_loss
+from rcllm.train.report import machine, plot_training
+from rcllm.train.validate import baselines, validate
+
+METHODS = ("lora", "full")
+BLOCK_AWARE = ("mix", "on", "off")
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
+RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
+               "eval_every", "val_users", "lora_rank")  # fmt: skip
+REPORT_FILE, PLOT_FILE = "training.json", "training.png"
+LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
+
+Progress = Callable[[int, int, dict], None]  # (steps done, total steps, logs of the step)
+
+
+@dataclass
+class TrainSettings:
+    out: Path = Path("rcllm-model")
+    dataset: str = "ml-100k"
+    model: str = "smollm2-135m"
+    method: str = "lora"
+    steps: int = 300
+    batch: int = 8
+    lr: float | None = None  # None: DEFAULT_LR of the method
+    history: int = 20
+    candidates: int = 20
+    block_aware: str = "mix"
+    device: str = "cpu"
+    seed: int = 0
+    eval_every: int = 50
+    val_users: int = 100
+    lora_rank: int = 16
+    data_dir: Path | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.method)
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.block_aware not in BLOCK_AWARE:
+            raise ValueError(f"unknown block-aware mode {self.block_aware!r}; expected one of {', '.join(BLOCK_AWARE)}")
+        if not 2 <= self.candidates <= len(LABELS):
+            raise ValueError(
+                f"--candidates {self.candidates}: a prompt holds 2 to {len(LABELS)} candidates (one label each)"
+            )
+        for name in ("batch", "eval_every", "val_users", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.steps < 0 or self.history < 0:
+            raise ValueError("steps and history must be >= 0")
+        if not self.lr or self.lr <= 0:
+            raise ValueError("the learning rate must be > 0")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data["data_dir"] = None if self.data_dir is None else str(self.data_dir)
+        return data
+
+    def block_aware_at(self, step: int) -> bool:
+        return self.block_aware == "on" or (self.block_aware == "mix" and step % 2 == 0)
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (or running out of memory) stopped the run; its state is in ``checkpoint``."""
+
+    def __init__(self, step: int, checkpoint: Path, reason: str = "interrupted"):
+        super().__init__(f"{reason} after step {step}; checkpoint in {checkpoint}: rerun with --resume to continue")
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    report: dict  # the content of training.json
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_FILE).is_file())):
+        raise ValueError(f"--out {out} exists and is not the output of rcllm finetune; refusing to overwrite it")
+
+
+def _prepare(lm: LoadedModel, settings: TrainSettings):
+    """Make the trainable parameters of ``lm.model`` (LoRA layers are injected into it in place)."""
+    model = lm.model
+    if settings.method == "full":
+        model.requires_grad_(True)
+        peft_model = None
+    else:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise ValueError("--method lora needs the peft package: pip install peft (or use --method full)") from e
+        config = LoraConfig(
+            r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
+            target_modules=list(LORA_TARGETS), bias="none",
+        )
+        peft_model = get_peft_model(model, config)
+    model.train()
+    return peft_model
+
+
+def _optimizer(model: torch.nn.Module, settings: TrainSettings):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    warmup = max(1, min(20, settings.steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return optimizer, scheduler
+
+
+def _restore(folder: Path, settings: TrainSettings, model, optimizer, scheduler) -> dict:
+    ckpt = load_checkpoint(folder)
+    saved = ckpt.state["settings"]
+    mine = settings.to_json()
+    differ = [
+        f"{k} ({saved.get(k)!r} in the checkpoint, {mine[k]!r} now)" for k in RESUME_KEYS if saved.get(k) != mine[k]
+    ]
+    if differ:
+        raise ValueError(f"cannot resume {folder}: settings differ: {'; '.join(differ)}")
+    if ckpt.state["step"] > settings.steps:
+        raise ValueError(f"cannot resume {folder}: it is at step {ckpt.state['step']}, past --steps {settings.steps}")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    result = model.load_state_dict(ckpt.trainable, strict=False)
+    missing = trainable - set(ckpt.trainable)
+    if result.unexpected_keys or missing:
+        example = sorted(missing or result.unexpected_keys)[:3]
+        raise ValueError(f"{folder} holds other parameters than this run trains (e.g. {example})")
+    optimizer.load_state_dict(ckpt.optimizer)
+    scheduler.load_state_dict(ckpt.scheduler)
+    restore_rng(ckpt.rng)
+    return ckpt.state
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Progress | None = None) -> TrainResult:
+    """Fine-tune ``settings.model`` and write it to ``settings.out``; ``dataset`` (when given)
+    replaces loading ``settings.dataset``. Raises :class:`TrainingInterrupted` on Ctrl-C after
+    saving a checkpoint that ``resume=True`` continues from."""
+    settings.check()
+    out = settings.out.absolute()
+    ckpt_dir = checkpoint_dir(out)
+    _check_out(out)
+    if settings.resume and not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
+    if not settings.resume and ckpt_dir.exists():
+        raise ValueError(
+            f"{ckpt_dir} holds an interrupted run: pass --resume to continue it, or delete it to start over"
+        )
+    if dataset is None:
+        from rcllm.data.loaders import load_dataset
+
+        dataset = load_dataset(settings.dataset, data_dir=settings.data_dir)
+    stream = ExampleStream(dataset, settings.history, settings.candidates, settings.seed, settings.val_users)
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+
+    lm = load_model(settings.model, device=settings.device, dtype=torch.float32)
+    builder = PromptBuilder(lm.tokenizer)
+    encoder = PromptEncoder(Ranker(BlockEngine(lm), builder), dataset.items)
+    peft_model = _prepare(lm, settings)
+    model = lm.model
+    optimizer, scheduler = _optimizer(model, settings)
+    state = {"step": 0, "evals": [], "losses": [], "seconds": {"training": 0.0, "validation": 0.0},
+             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "interruptions": 0}  # fmt: skip
+    if settings.resume:
+        state = _restore(ckpt_dir, settings, model, optimizer, scheduler)
+    state["settings"] = settings.to_json()
+    base = baselines(stream.validation, stream.popularity, settings.seed)
+
+    def evaluate(logs: dict) -> None:
+        started = time.perf_counter()
+        since = state["evals"][-1]["step"] if state["evals"] else 0
+        recent = state["losses"][since:]
+        entry = {
+            "step": state["step"],
+            "train_loss": sum(recent) / len(recent) if recent else None,
+            "val": validate(lm, builder, encoder, stream.validation),
+        }
+        state["seconds"]["validation"] += time.perf_counter() - started
+        state["evals"].append(entry)
+        logs["val"] = entry["val"]
+
+    def due(step: int) -> bool:
+        return step == 0 or step == settings.steps or step % settings.eval_every == 0
+
+    if progress:
+        progress(state["step"], settings.steps, {})
+    label_ids = builder.label_token_ids
+    prompts: list = []
+    try:
+        if due(state["step"]) and not any(e["step"] == state["step"] for e in state["evals"]):
+            logs: dict = {}
+            evaluate(logs)
+            if progress:
+                progress(state["step"], settings.steps, logs)
+        while state["step"] < settings.steps:
+            step = state["step"]
+            started = time.perf_counter()
+            prompts = [encoder.encode(e) for e in stream.batch(step, settings.batch)]
+            batch = collate(prompts, settings.block_aware_at(step), lm.device)
+            loss = label_loss(answer_logits(model, batch, lm.inv_freq, lm.head_dim), batch, label_ids)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+            with deferred_interrupt():
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] = step + 1
+                state["losses"].append(loss.item())
+                state["seconds"]["training"] += time.perf_counter() - started
+            logs = {"loss": state["losses"][-1]}
+            if due(state["step"]):
+                evaluate(logs)
+            if progress:
+                progress(state["step"], settings.steps, logs)
+    except BaseException as error:
+        if not (isinstance(error, KeyboardInterrupt) or _is_oom(error)):
+            raise
+        optimizer.zero_grad(set_to_none=True)
+        if lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+        state["interruptions"] += 1
+        save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
+        if isinstance(error, KeyboardInterrupt):
+            raise TrainingInterrupted(state["step"], ckpt_dir) from None
+        longest = max((p.ids.numel() for p in prompts), default=0)
+        raise TrainingInterrupted(
+            state["step"], ckpt_dir,
+            f"out of memory on {lm.device} (batch {settings.batch}, prompts up to {longest} tokens): lower --batch "
+            "(it may change on --resume), --history or --candidates; stopped",
+        ) from error
+
+    report = _report(settings, state, stream, base, lm, dataset.name)
+    merged = peft_model.merge_and_unload() if peft_model is not None else model
+    merged.eval()
+
+    def fill(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        plot_training(report, tmp / PLOT_FILE)
+
+    write_folder(out, fill)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(ckpt_dir)
+    return TrainResult(out=out, report=report)
+
+
+def _report(settings, state, stream, base, lm, dataset_name) -> dict:
+    seconds = state["seconds"]
+    trained = len(state["losses"])
+    return {
+        "settings": settings.to_json(),
+        "model": {
+            "source": settings.model,
+            "source_fingerprint": lm.fingerprint,
+            "family": lm.family,
+            "parameters": sum(p.numel() for p in lm.model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in lm.model.parameters() if p.requires_grad),
+        },
+        "data": {"dataset": dataset_name, **stream.sizes()},
+        "loss": LOSS,
+        "steps": state["step"],
+        "baselines": base,
+        "evals": state["evals"],
+        "final": state["evals"][-1] if state["evals"] else None,
+        "losses": state["losses"],
+        "time": {
+            "started": state["started"],
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "training_seconds": round(seconds["training"], 2),
+            "validation_seconds": round(seconds["validation"], 2),
+            "steps_per_s": trained / seconds["training"] if seconds["training"] else None,
+            "interruptions": state["interruptions"],
+        },
+        "machine": machine(lm.device),
+    }

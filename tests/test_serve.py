@@ -1,0 +1,709 @@
+"""Serving: the request schema, routing, replication and cost model as plain functions; then a
+real cluster (3 ``rcllm serve`` processes and an ``rcllm coordinator`` on loopback, tiny random
+model, token auth on) answering a seeded stream exactly like the in-process engine while a node
+is SIGKILLed and restarted, 32 concurrent clients, bad requests, metrics, replication and a
+graceful SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+import typer
+from typer.testing import CliRunner
+
+from rcllm.build.pipeline import BuildOptions, build_cache
+from rcllm.cli.serve import register
+from rcllm.data.loaders import prepare
+from rcllm.data.synthetic import make_synthetic
+from rcllm.engine.prompt import item_text
+from rcllm.engine.ranker import MemoryBlockCache
+from rcllm.serve.client import RecommendClient, ServiceError
+from rcllm.serve.coordinator import Coordinator
+from rcllm.serve.costs import CostModel
+from rcllm.serve.directory import ItemDirectory
+from rcllm.serve.metrics import Registry, parse_text
+from rcllm.serve.replication import HotItems
+from rcllm.serve.routing import HashRing, NodeView, RouteQuery, Router, estimate_ttft_ms
+from rcllm.serve.node import NodeServer
+from rcllm.serve.runner import NodeData, NodeRunner, open_cache_ranker
+from rcllm.serve.schema import (
+    MAX_BODY_BYTES,
+    MAX_CANDIDATES,
+    CacheStats,
+    RecommendRequest,
+    RecommendResponse,
+    RequestError,
+    check_known,
+    make_response,
+    parse_request,
+)
+from rcllm.store import Manifest
+
+TOKEN = "test-token"
+HISTORY = 5  # the cache's history blocks hold a user's 5 most recent items
+DEFAULT_POLICY = "boundary:2"
+MAX_QUEUE = 6
+
+
+# ---------------------------------------------------------------------------------------------
+# the schema
+
+
+def test_parse_request_reads_the_documented_request_and_inline_cold_items():
+    req = parse_request(json.dumps({
+        "user_id": "42", "history": ["1193", "661"], "top_k": 10, "policy": "boundary:4", "max_new_tokens": 0,
+        "candidates": ["3408", {"id": "new-1", "title": "A Brand New Film", "year": 2025}],
+    }))
+    assert req.user_id == "42" and req.history == ["1193", "661"] and req.top_k == 10 and req.policy == "boundary:4"
+    assert [c.id for c in req.candidates] == ["3408", "new-1"]
+    assert req.candidates[0].item is None and req.candidates[1].item["title"] == "A Brand New Film"
+    assert parse_request(req.to_json()) == req  # what the client sends is what the server reads
+    bare = parse_request(b'{"user_id": "7", "candidates": ["1"]}')
+    assert bare.history is None and bare.top_k is None and bare.policy is None and bare.max_new_tokens == 0
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"user_id": "1", "candidates": ["1"', "malformed JSON"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b'["1"]', "must be a JSON object"),
+    (b'{"user_id": "1", "candidates": ["1"], "colour": "red"}', "unknown fields: colour"),
+    (b'{"user_id": 42, "candidates": ["1"]}', "user_id must be a non-empty string"),
+    (b'{"candidates": ["1"]}', "user_id must be a non-empty string"),
+    (b'{"user_id": "1", "candidates": []}', "candidates is empty"),
+    (b'{"user_id": "1", "candidates": "1,2"}', "candidates must be a list"),
+    (b'{"user_id": "1", "candidates": [1, 2]}', "candidates[0] must be an item id"),
+    (b'{"user_id": "1", "candidates": [{"id": "x"}]}', "missing title"),
+    (b'{"user_id": "1", "candidates": ["1", "1"]}', "appears twice"),
+    (b'{"user_id": "1", "candidates": ["1"], "history": "1"}', "history must be a list"),
+    (b'{"user_id": "1", "candidates": ["1"], "history": [""]}', "history[0]"),
+    (b'{"user_id": "1", "candidates": ["1"], "top_k": 0}', "top_k must be a positive integer"),
+    (b'{"user_id": "1", "candidates": ["1"], "top_k": true}', "top_k must be a positive integer"),
+    (b'{"user_id": "1", "candidates": ["1"], "policy": "magic"}', "unknown correction policy"),
+    (b'{"user_id": "1", "candidates": ["1"], "max_new_tokens": -1}', "max_new_tokens"),
+])
+def test_parse_request_refuses_bad_input_with_a_message(body, message):
+    with pytest.raises(RequestError, match=re.escape(message)) as e:
+        parse_request(body)
+    assert e.value.status == 400
+
+
+def test_parse_request_refuses_more_candidates_than_the_limit():
+    ids = [str(i) for i in range(MAX_CANDIDATES + 1)]
+    with pytest.raises(RequestError, match=f"at most {MAX_CANDIDATES}"):
+        parse_request(json.dumps({"user_id": "1", "candidates": ids}))
+    assert len(parse_request(json.dumps({"user_id": "1", "candidates": ids[:-1]})).candidates) == MAX_CANDIDATES
+
+
+def test_check_known_refuses_unknown_ids_and_unknown_users_without_history():
+    items, users = {"1", "2"}.__contains__, {"u"}.__contains__
+    check_known(parse_request(b'{"user_id": "u", "candidates": ["1", {"id": "9", "title": "Cold"}]}'), items, users)
+    check_known(parse_request(b'{"user_id": "new", "history": ["2"], "candidates": ["1"]}'), items, users)
+    with pytest.raises(RequestError, match="unknown item id '9': not in the catalog"):
+        check_known(parse_request(b'{"user_id": "u", "candidates": ["9"]}'), items, users)
+    with pytest.raises(RequestError, match="unknown item id '9' in history"):
+        check_known(parse_request(b'{"user_id": "u", "history": ["9"], "candidates": ["1"]}'), items, users)
+    with pytest.raises(RequestError, match="has no history in the cache"):
+        check_known(parse_request(b'{"user_id": "new", "candidates": ["1"]}'), items, users)
+
+
+def test_response_keeps_top_k_and_round_trips_through_json():
+    req = parse_request(b'{"user_id": "u", "candidates": ["a", "b", "c"], "top_k": 2}')
+    stats = CacheStats(user_hit=True, item_hits=2, item_misses=1, recomputed_tokens=10, prompt_tokens=90)
+    resp = make_response(req, [2, 0, 1], [0.2, 0.1, 0.7], 12.34567, 1, stats)
+    assert resp.ranking == [("c", 0.7), ("a", 0.2)]
+    data = json.loads(json.dumps(resp.to_dict()))
+    assert set(data) == {"ranking", "ttft_ms", "node", "cache", "text"}
+    assert data["ranking"][0] == {"item_id": "c", "score": 0.7}
+    assert RecommendResponse.from_dict(data) == resp
+
+
+# ---------------------------------------------------------------------------------------------
+# cost model, routing, replication: plain functions
+
+
+def costs(**kw) -> CostModel:
+    return CostModel(bytes_per_token=kw.pop("bytes_per_token", 1000), **kw)
+
+
+def test_cost_model_picks_the_cheaper_of_fetch_and_recompute_and_learns_from_measurements():
+    c = costs(rtt_ms=1.0, bytes_per_ms=1e5, compute_ms_per_token=0.5)
+    assert c.fetch_ms(100) == pytest.approx(1.0 + 100 * 1000 / 1e5)  # 2 ms
+    assert c.recompute_ms(100) == pytest.approx(50.0)
+    assert c.should_fetch(100) and c.miss_ms(100) == pytest.approx(2.0)
+    assert c.miss_ms(100, can_fetch=False) == pytest.approx(50.0)
+    for _ in range(50):  # the network turns out to be slow: 300 ms to the first byte
+        c.observe_fetch(100_000, first_byte_ms=300.0, body_ms=1.0)
+    assert not c.should_fetch(100)
+    for _ in range(50):
+        c.observe_compute(100, 1.0)
+    assert c.compute_ms_per_token == pytest.approx(0.01, rel=0.01)
+
+
+# items 0-3 on node 0, 4-7 on node 1, 8-11 on node 2; 10 tokens each
+OWNER = [0] * 4 + [1] * 4 + [2] * 4
+TOKENS = [10] * 12
+
+
+def views(**per_node) -> list[NodeView]:
+    out = []
+    for k in range(3):
+        fields = per_node.get(f"n{k}", {})
+        out.append(NodeView(k, fields.pop("costs", costs(compute_ms_per_token=1.0, bytes_per_ms=1e3)), **fields))
+    return out
+
+
+def test_affinity_routes_to_the_node_holding_most_of_the_requests_blocks():
+    router = Router("affinity", OWNER, TOKENS, range(3))
+    query = RouteQuery("u", rows=[4, 5, 6, 0])
+    assert router.order(query, views(), turn=0)[0] == 1
+    # each lacking block costs min(fetch 1 + 10*1000/1e3 = 11 ms, recompute 10 ms) = 10 ms
+    assert estimate_ttft_ms(query, views()[1], OWNER, TOKENS, {0, 1, 2}) == pytest.approx(10.0)
+    assert estimate_ttft_ms(query, views()[2], OWNER, TOKENS, {0, 1, 2}) == pytest.approx(40.0)
+
+
+def test_affinity_trades_cached_blocks_against_queue_delay():
+    router = Router("affinity", OWNER, TOKENS, range(3))
+    query = RouteQuery("u", rows=[4, 5, 6, 0])
+    # node 1 lacks 1 block (10 ms), node 0 lacks 3 (30 ms): a 20 ms queue on node 1 is still worth it...
+    assert router.order(query, views(n1={"queue_depth": 1, "service_ms": 19.0}), 0)[0] == 1
+    # ... a 50 ms queue is not
+    assert router.order(query, views(n1={"queue_depth": 5, "service_ms": 10.0}), 0)[0] == 0
+
+
+def test_affinity_counts_replicas_and_the_history_block():
+    router = Router("affinity", OWNER, TOKENS, range(3))
+    query = RouteQuery("u", rows=[4, 5, 8, 9])
+    tie = router.order(query, views(), turn=0)
+    assert set(tie[:2]) == {1, 2}
+    assert router.order(query, views(n2={"held": {4}}), 0)[0] == 2  # holds a replica of item 4
+    history_on_1 = RouteQuery("u", rows=[4, 5, 8, 9], history_tokens=30, history_nodes={1})
+    assert router.order(history_on_1, views(), 0)[0] == 1
+
+
+def test_no_strategy_routes_to_a_down_node_and_blocks_of_a_down_owner_cost_a_recompute():
+    query = RouteQuery("u", rows=[4, 5, 6, 7])
+    for strategy in ("affinity", "round-robin", "user-hash"):
+        router = Router(strategy, OWNER, TOKENS, range(3))
+        for turn in range(6):
+            order = router.order(query, views(n1={"up": False}), turn)
+            assert 1 not in order and sorted(order) == [0, 2]
+    slow_fetch = costs(compute_ms_per_token=1.0, bytes_per_ms=1e6, rtt_ms=1.0)  # fetch 1 ms, recompute 10 ms
+    view = NodeView(0, slow_fetch)
+    assert estimate_ttft_ms(query, view, OWNER, TOKENS, up={0, 1, 2}) == pytest.approx(4 * 1.01)
+    assert estimate_ttft_ms(query, view, OWNER, TOKENS, up={0, 2}) == pytest.approx(4 * 10.0)
+
+
+def test_round_robin_rotates_and_ties_spread_across_nodes():
+    rr = Router("round-robin", OWNER, TOKENS, range(3))
+    assert [rr.order(RouteQuery("u", []), views(), t)[0] for t in range(6)] == [0, 1, 2, 0, 1, 2]
+    affinity = Router("affinity", OWNER, TOKENS, range(3))
+    cold = RouteQuery("u", rows=[])  # only cold items: every node costs the same
+    assert {affinity.order(cold, views(), t)[0] for t in range(3)} == {0, 1, 2}
+
+
+def test_user_hash_keeps_users_on_their_node_and_moves_only_a_down_nodes_users():
+    ring = HashRing(range(3))
+    users = [f"user-{i}" for i in range(600)]
+    home = {u: ring.order(u, {0, 1, 2})[0] for u in users}
+    assert all(ring.order(u, {0, 1, 2})[0] == home[u] for u in users)  # stable
+    assert min(list(home.values()).count(k) for k in range(3)) > 100  # spread
+    moved = {u: ring.order(u, {0, 2})[0] for u in users}
+    assert all(moved[u] == home[u] for u in users if home[u] != 1)
+    assert all(moved[u] in (0, 2) for u in users)
+
+
+def test_hot_items_are_replicated_within_budget_to_nodes_that_keep_missing_them_and_cold_ones_age_out():
+    hot = HotItems(threshold=3.0, decay=0.5)
+    v = views()
+    hot.add(0, {4: 5, 8: 4, 9: 1, 1: 9})  # item 1 is node 0's own: never replicated to it
+    plan = hot.plan(v, OWNER, TOKENS, budget={0: 10_000 * 2})  # room for 2 blocks of 10 tokens x 1000 bytes
+    assert [(p.node, p.source, p.rows) for p in plan] == [(0, 1, (4,)), (0, 2, (8,))]
+    assert plan[0].nbytes == 10_000
+    assert hot.plan(v, OWNER, TOKENS, budget={0: 10**9}) == []  # planned items left the scores
+    hot.add(2, {0: 2})
+    hot.age()
+    hot.add(2, {0: 1})  # 2 * 0.5 + 1 = 2 < 3: not hot
+    assert hot.plan(v, OWNER, TOKENS, budget={2: 10**9}) == []
+    hot.add(2, {0: 2})
+    assert [p.rows for p in hot.plan(v, OWNER, TOKENS, budget={2: 10**9})] == [(0,)]
+    assert [p.rows for p in hot.plan(views(n2={"held": {0}}), OWNER, TOKENS, budget={2: 10**9})] == []
+    hot.add(1, {9: 3})
+    for _ in range(10):
+        hot.age()
+    assert 9 not in hot.scores[1]  # forgotten once it stops missing
+
+
+def test_coordinator_prices_a_new_history_block_except_where_it_was_computed():
+    directory = ItemDirectory.from_arrays([str(i) for i in range(12)], [f"k{i}" for i in range(12)], OWNER, TOKENS, 3)
+    coord = Coordinator(directory, ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], bytes_per_token=1000,
+                        histories={"known": ["1", "2", "3"]}, history_len=2)
+    known = parse_request({"user_id": "known", "candidates": ["4", {"id": "new", "title": "Cold"}]})
+    query, history = coord.query(known)
+    assert (query.rows, query.history_nodes, history) == ([4], None, None)  # the cache holds it on every node
+    same = parse_request({"user_id": "known", "history": ["0", "2", "3"], "candidates": ["4"]})
+    assert coord.query(same)[0].history_nodes is None  # the same 2 most recent items: the cached block
+    fresh = parse_request({"user_id": "known", "history": ["5", "6"], "candidates": ["4"]})
+    query, history = coord.query(fresh)
+    assert (query.history_tokens, query.history_nodes, history) == (20, set(), ("5", "6"))
+    coord._answered(coord.links[2], json.dumps({"cache": {"user_hit": False}, "ttft_ms": 1.0}).encode(), history, 0.0)
+    assert coord.query(fresh)[0].history_nodes == {2}
+
+
+def test_metrics_render_prometheus_text():
+    m = Registry()
+    m.counter("x_total", "things", ("kind",)).inc(kind="a")
+    m.gauge("depth", "queue", read=lambda: {(): 3})
+    h = m.histogram("lat_ms", "latency", buckets=(1, 10))
+    for v in (0.5, 5, 50):
+        h.observe(v)
+    text = m.render()
+    assert "# TYPE x_total counter" in text and "# TYPE lat_ms histogram" in text
+    values = parse_text(text)
+    assert values['x_total{kind="a"}'] == 1 and values["depth"] == 3
+    assert values['lat_ms_bucket{le="1"}'] == 1 and values['lat_ms_bucket{le="10"}'] == 2
+    assert values['lat_ms_bucket{le="+Inf"}'] == 3 and values["lat_ms_count"] == 3 and values["lat_ms_sum"] == 55.5
+
+
+def test_cli_refuses_a_missing_cache_with_a_message(tmp_path):
+    app = typer.Typer()
+    register(app)
+    for args in (["serve", "--node", "0"], ["coordinator"]):
+        result = CliRunner().invoke(app, [*args, "--cache", str(tmp_path / "nowhere")])
+        assert result.exit_code == 2
+        assert "no rcllm cache" in result.output and "build-cache" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# a real cluster
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """3 node processes and a coordinator process on loopback; stopped (no orphans) by stop()."""
+
+    def __init__(self, cache: Path, logs: Path, coordinator_port: int):
+        self.cache, self.logs = cache, logs
+        self.ports = [n["port"] for n in Manifest.load(cache).nodes]
+        self.coordinator_port = coordinator_port
+        self.url = f"http://127.0.0.1:{coordinator_port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping: set[str] = set()
+        self.env = {**os.environ, "RCLLM_TOKEN": TOKEN, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+    def node_url(self, k: int) -> str:
+        return f"http://127.0.0.1:{self.ports[k]}"
+
+    def _start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "rcllm.cli.serve", *args], stdout=log, stderr=log, env=self.env)
+        log.close()
+        self.procs[name] = proc
+        self.stopping.discard(name)
+        return proc
+
+    def start_node(self, k: int) -> subprocess.Popen:
+        return self._start(f"node{k}", "serve", "--node", str(k), "--cache", str(self.cache), "--threads", "1",
+                           "--max-queue", str(MAX_QUEUE), "--hot-mb", "0.5", "--policy", DEFAULT_POLICY)
+
+    def start_coordinator(self) -> subprocess.Popen:
+        return self._start("coordinator", "coordinator", "--cache", str(self.cache), "--port", str(self.coordinator_port),
+                           "--replicate-every", "1.0")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        return "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` to a process that is meant to stop (check_alive no longer watches it)."""
+        self.stopping.add(name)
+        self.procs[name].send_signal(sig)
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if name not in self.stopping and proc.poll() is not None:
+                pytest.fail(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def cluster_report(url: str) -> dict:
+    async with RecommendClient(url) as client:
+        return await client.get_json("/v1/cluster")
+
+
+def wait_until(cluster: Cluster, condition, what: str, timeout: float = 120.0) -> dict:
+    """Poll the coordinator's /v1/cluster until ``condition(report)``; bounded in time."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        cluster.check_alive()
+        try:
+            last = asyncio.run(cluster_report(cluster.url))
+            if condition(last):
+                return last
+        except (aiohttp.ClientError, ServiceError, OSError):
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; last report: {json.dumps(last)[:2000]}")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve-data")
+    dataset = make_synthetic(n_items=120, n_users=30, seed=0)
+    written = prepare(dataset, folder)
+    return SimpleNamespace(catalog=written["catalog.jsonl"], users=written["histories.jsonl"],
+                           interactions=written["interactions.jsonl"])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, data, tiny_models) -> Path:
+    """A 3-node cache of the tiny llama, nodes on free loopback ports."""
+    out = tmp_path_factory.mktemp("serve-cache") / "cache"
+    options = BuildOptions(out=out, nodes=3, model=str(tiny_models["llama"]), users=data.users,
+                           interactions=data.interactions, history=HISTORY)
+    build_cache(data.catalog, options)
+    manifest = Manifest.load(out)
+    manifest.nodes = [{"node": k, "host": "127.0.0.1", "port": free_port()} for k in range(3)]
+    manifest.save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(cache):
+    """The in-process engine every answer is compared with: same model and template, blocks
+    computed on first use (no cache files)."""
+    data = NodeData.load(cache)
+    ranker = open_cache_ranker(data.manifest)
+    return SimpleNamespace(ranker=ranker, blocks=MemoryBlockCache(ranker.engine, ranker.builder), data=data)
+
+
+def expected_ranking(engine, req: RecommendRequest) -> list[tuple[str, float]]:
+    catalog, histories = engine.data.catalog, engine.data.histories
+    history = req.history if req.history is not None else histories[req.user_id]
+    texts = [item_text(c.item if c.item is not None else catalog[c.id]) for c in req.candidates]
+    ranking = engine.ranker.rank([item_text(catalog[i]) for i in history[-HISTORY:]], texts,
+                                 req.policy or DEFAULT_POLICY, cache=engine.blocks)
+    order = ranking.order[: req.top_k] if req.top_k else ranking.order
+    return [(req.candidates[i].id, ranking.scores[i]) for i in order]
+
+
+def make_stream(cache: Path, n: int, seed: int) -> list[RecommendRequest]:
+    """Known users without history, users with a history of their own, cold inline items,
+    every policy, sometimes top_k: 8 candidates each."""
+    data = NodeData.load(cache)
+    rng = random.Random(seed)
+    users, items = sorted(data.histories), sorted(data.catalog)
+    stream = []
+    for i in range(n):
+        user = rng.choice(users)
+        mode = rng.random()
+        history = None if mode < 0.6 else data.histories[user][-rng.randint(1, 8):] if mode < 0.85 else rng.sample(items, 3)
+        candidates = rng.sample(items, 8)
+        if rng.random() < 0.1:
+            k = rng.randrange(4)
+            candidates[0] = {"id": f"cold-{i}", "title": f"The Unreleased Picture {k}", "categories": ["Romance"]}
+        body = {"user_id": user, "candidates": candidates, "history": history,
+                "policy": rng.choice([None, None, "none", "full", "boundary:4"]), "top_k": rng.choice([None, None, 5])}
+        stream.append(parse_request({k: v for k, v in body.items() if v is not None}))
+    return stream
+
+
+@pytest.fixture(scope="module")
+def stream(cache, engine):
+    """320 requests and the in-process engine's answer to each (computed before any server starts)."""
+    requests = make_stream(cache, 320, seed=1)
+    return [(req, expected_ranking(engine, req)) for req in requests]
+
+
+@pytest.fixture(scope="module")
+def cluster(cache, stream, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("serve-logs")
+    c = Cluster(cache, logs, free_port())
+    try:
+        for k in range(3):
+            c.start_node(k)
+        c.start_coordinator()
+        wait_until(c, lambda r: r["up"] == 3, "3 nodes up")
+        yield c
+    finally:
+        c.stop()
+        print(f"\nserver logs in {logs}")
+
+
+def assert_same_ranking(got: RecommendResponse, want: list[tuple[str, float]], what: str) -> None:
+    assert [i for i, _ in got.ranking] == [i for i, _ in want], what
+    for (_, a), (_, b) in zip(got.ranking, want):
+        assert a == pytest.approx(b, abs=1e-5), what
+
+
+async def send_stream(url: str, requests, concurrency: int, on_done=None) -> list:
+    """Each request once, ``concurrency`` at a time; returns responses (or exceptions) in order."""
+    results: list = [None] * len(requests)
+    gate = asyncio.Semaphore(concurrency)
+    done = 0
+    async with RecommendClient(url, timeout_s=60) as client:
+
+        async def one(i, req):
+            nonlocal done
+            async with gate:
+                try:
+                    results[i] = await client.recommend(req)
+                except (ServiceError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    results[i] = e
+                done += 1
+                if on_done:
+                    on_done(done)
+
+        await asyncio.gather(*(one(i, req) for i, req in enumerate(requests)))
+    return results
+
+
+@pytest.mark.slow
+def test_cluster_answers_like_the_in_process_engine_through_a_killed_and_restarted_node(cluster, stream, engine):
+    killed = []
+
+    def kill_node_1(done: int) -> None:
+        if done == 100 and not killed:
+            cluster.signal("node1", signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    requests = [req for req, _ in stream]
+    started = time.monotonic()
+    results = asyncio.run(send_stream(cluster.url, requests, concurrency=8, on_done=kill_node_1))
+    seconds = time.monotonic() - started
+    failed = [(i, r) for i, r in enumerate(results) if not isinstance(r, RecommendResponse)]
+    assert not failed, f"{len(failed)} requests failed, e.g. {failed[:3]}"
+    assert killed and cluster.procs["node1"].wait(timeout=10) == -signal.SIGKILL
+    for (req, want), got in zip(stream, results):
+        assert_same_ranking(got, want, f"request {req.to_dict()} answered by node {got.node}")
+        assert got.cache.item_hits + got.cache.item_misses == len(req.candidates)
+        assert got.cache.prompt_tokens > 0 and got.ttft_ms > 0
+    answered_by = [r.node for r in results]
+    print(f"\n{len(results)} requests in {seconds:.1f} s; answered per node {[answered_by.count(k) for k in range(3)]}; "
+          f"node 1 answered {answered_by[150:].count(1)} of the 170 sent after its kill")
+    assert {0, 1, 2} <= set(answered_by[:100])
+
+    report = wait_until(cluster, lambda r: not r["nodes"][1]["up"], "node 1 reported down", timeout=10)
+    assert report["up"] == 2
+    cluster.start_node(1)
+    report = wait_until(cluster, lambda r: r["up"] == 3, "node 1 back up")
+    assert report["nodes"][1]["up"]
+
+    # the cluster serves again, with the same answers; 30 candidates are ranked as a tournament
+    tournament = parse_request({"user_id": stream[0][0].user_id, "candidates": sorted(engine.data.catalog)[:30]})
+    again = stream[:30] + [(tournament, expected_ranking(engine, tournament))]
+    results = asyncio.run(send_stream(cluster.url, [req for req, _ in again], concurrency=4))
+    for (req, want), got in zip(again, results):
+        assert isinstance(got, RecommendResponse), got
+        assert_same_ranking(got, want, f"after restart: {req.to_dict()}")
+    assert len(results[-1].ranking) == 30
+
+    async def direct():
+        async with RecommendClient(cluster.node_url(1), token=TOKEN) as client:
+            return await client.recommend(stream[0][0])
+
+    assert_same_ranking(asyncio.run(direct()), stream[0][1], "node 1 directly after restart")
+    report = asyncio.run(cluster_report(cluster.url))
+    print(json.dumps({"hit_ratio": [n["hit_ratio"] for n in report["nodes"]], "replication": report["replication"]["events"]}))
+
+
+@pytest.mark.slow
+def test_32_concurrent_clients_get_answers_or_well_formed_503s(cluster, stream):
+    requests = [req for req, _ in stream]
+    latencies, busy, errors = [], [], []
+
+    async def client_loop(client, seed: int, deadline: float) -> None:
+        rng = random.Random(seed)
+        for _ in range(200):  # bounded in count as well as time
+            if time.monotonic() >= deadline:
+                return
+            t = time.perf_counter()
+            try:
+                await client.recommend(rng.choice(requests))
+                latencies.append((time.perf_counter() - t) * 1000.0)
+            except ServiceError as e:
+                (busy if e.status == 503 and e.retry_after and e.message else errors).append(e)
+                await asyncio.sleep(rng.uniform(0.05, 0.1))  # a polite client backs off (less than Retry-After: the test is short)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                errors.append(e)
+
+    async def run() -> None:
+        async with RecommendClient(cluster.url, timeout_s=60) as client:
+            deadline = time.monotonic() + 5.0
+            await asyncio.gather(*(client_loop(client, seed, deadline) for seed in range(32)))
+
+    started = time.monotonic()
+    asyncio.run(run())
+    seconds = time.monotonic() - started
+    assert not errors, errors[:5]
+    assert latencies
+    ordered = sorted(latencies)
+    p50 = statistics.median(ordered)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    print(f"\n32 clients, {seconds:.1f} s: {len(latencies)} answered ({len(latencies) / seconds:.0f}/s), "
+          f"{len(busy)} well-formed 503s; latency p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+    wait_until(cluster, lambda r: r["up"] == 3, "all nodes up after the load", timeout=20)
+
+
+async def raw(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url + path, data=body, headers=headers or {}) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), await resp.read()
+
+
+@pytest.mark.slow
+def test_bad_requests_get_a_json_4xx_with_a_message_and_the_servers_stay_up(cluster, cache):
+    directory = ItemDirectory.load(cache)
+    foreign = next(key for key, owner in zip(directory.keys, directory.owner) if owner != 0)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    good = b'{"user_id": "u1", "candidates": ["1", "2", "3"]}'
+    cases = [  # (server, method, path, body, headers, status, words in the message)
+        ("coordinator", "POST", "/v1/recommend", b'{"user_id": "u1", "candidates": [', {}, 400, "malformed JSON"),
+        ("coordinator", "POST", "/v1/recommend", b'{"user_id": "u1", "candidates": ["1"], "x": 1}', {}, 400, "unknown fields"),
+        ("coordinator", "POST", "/v1/recommend", b'{"user_id": "u1", "candidates": ["no-such-item"]}', {}, 400, "not in the catalog"),
+        ("coordinator", "POST", "/v1/recommend", b'{"user_id": "u1", "candidates": []}', {}, 400, "candidates is empty"),
+        ("coordinator", "POST", "/v1/recommend", b'{"user_id": "nobody", "candidates": ["1"]}', {}, 400, "no history"),
+        ("coordinator", "POST", "/v1/recommend", b'{"user_id": "u1", "candidates": ["1"], "policy": "x"}', {}, 400, "policy"),
+        ("coordinator", "POST", "/v1/recommend", b" " * (MAX_BODY_BYTES + 1), {}, 413, "body size"),
+        ("coordinator", "GET", "/v1/nothing", None, {}, 404, "Not Found"),
+        ("node", "POST", "/v1/recommend", good, {}, 401, "bearer token"),
+        ("node", "POST", "/v1/recommend", good, {"Authorization": "Bearer wrong"}, 401, "bearer token"),
+        ("node", "GET", "/v1/state", None, {"Authorization": "Bearer wrong"}, 401, "bearer token"),
+        ("node", "POST", "/v1/recommend", b"{nope", auth, 400, "malformed JSON"),
+        ("node", "POST", "/v1/recommend", b'{"user_id": "u1", "candidates": ["no-such-item"]}', auth, 400, "not in the catalog"),
+        ("node", "POST", "/v1/recommend", b'{"user_id": "u1", "candidates": []}', auth, 400, "candidates is empty"),
+        ("node", "POST", "/v1/recommend", b"x" * (MAX_BODY_BYTES + 1), auth, 413, "body size"),
+        ("node", "GET", "/v1/blocks/" + foreign, None, auth, 404, "not in node 0's index"),
+        ("node", "GET", "/v1/blocks/..%2F..%2Fetc", None, auth, 404, "index"),
+        ("node", "POST", "/v1/replicate", b'{"keys": "k", "from": 1}', auth, 400, "keys must be a list"),
+        ("node", "POST", "/v1/replicate", b'{"keys": [], "from": 0}', auth, 400, "another node"),
+    ]
+    urls = {"coordinator": cluster.url, "node": cluster.node_url(0)}
+    for server, method, path, body, headers, status, words in cases:
+        got, content_type, payload = asyncio.run(raw(urls[server], method, path, body, headers))
+        what = f"{server} {method} {path} {body[:60] if body else ''!r}"
+        assert got == status, f"{what}: {got} {payload[:300]!r}"
+        assert content_type.startswith("application/json"), what
+        message = json.loads(payload)["error"]
+        assert words in message, f"{what}: {message}"
+    cluster.check_alive()
+    for k in range(3):
+        status, _, payload = asyncio.run(raw(cluster.node_url(k), "GET", "/health"))
+        assert status == 200 and json.loads(payload)["status"] == "ok"
+    status, _, payload = asyncio.run(raw(cluster.url, "POST", "/v1/recommend", good))
+    assert status == 200 and len(json.loads(payload)["ranking"]) == 3
+
+
+@pytest.mark.slow
+def test_metrics_state_and_replication_endpoints(cluster, cache):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, content_type, payload = asyncio.run(raw(cluster.node_url(0), "GET", "/metrics", None, auth))
+    assert status == 200 and content_type.startswith("text/plain")
+    text = payload.decode()
+    values = parse_text(text)
+    assert values["rcllm_ttft_ms_count"] > 0
+    assert any(name.startswith("rcllm_item_hit_ratio{tier=") for name in values)
+    assert "rcllm_queue_depth" in values and "# TYPE rcllm_replication_events_total counter" in text
+    _, _, payload = asyncio.run(raw(cluster.url, "GET", "/metrics"))
+    values = parse_text(payload.decode())
+    assert values["rcllm_routing_decision_ms_count"] > 0
+    assert {f'rcllm_node_up{{node="{k}"}}' for k in range(3)} <= set(values)
+    assert any(name.startswith("rcllm_hit_ratio{") for name in values)
+
+    # replicate node 2's first blocks into node 0's hot tier
+    directory = ItemDirectory.load(cache)
+    rows = [r for r, owner in enumerate(directory.owner) if owner == 2][:3]
+    body = json.dumps({"keys": [directory.keys[r] for r in rows], "from": 2}).encode()
+    status, _, payload = asyncio.run(raw(cluster.node_url(0), "POST", "/v1/replicate", body, auth))
+    assert status == 200, payload
+    result = json.loads(payload)
+    assert result["replicated"] + result["skipped"] == 3
+    _, _, payload = asyncio.run(raw(cluster.node_url(0), "GET", "/v1/state", None, auth))
+    state = json.loads(payload)
+    assert {directory.ids[r] for r in rows} <= set(state["replicas"])
+    assert {"queue_depth", "service_ms", "hot", "misses", "costs"} <= set(state)
+
+    report = asyncio.run(cluster_report(cluster.url))
+    assert report["routing"] == "affinity" and report["items"] == len(directory)
+    assert report["placement"]["n_nodes"] == 3 and len(report["nodes"]) == 3
+    assert all(n["hit_ratio"]["item"] is not None for n in report["nodes"])
+
+
+@pytest.mark.slow
+def test_a_node_fetches_blocks_it_lacks_from_their_peer_and_recomputes_those_of_a_dead_peer(cluster, cache, engine):
+    """Node 0 in this process (its app on a test server), its peers: the cluster's node 2, and a
+    node 1 at an address where nothing listens."""
+    directory = ItemDirectory.load(cache)
+    on_2 = [directory.ids[r] for r, owner in enumerate(directory.owner) if owner == 2][:4]
+    on_1 = [directory.ids[r] for r, owner in enumerate(directory.owner) if owner == 1][:4]
+    req = parse_request({"user_id": sorted(engine.data.histories)[0], "candidates": on_2 + on_1})
+    runner = NodeRunner.open(cache, 0, hot_bytes=1 << 20)
+    runner.costs.compute_ms_per_token = 1e3  # recomputing looks dear: fetch whatever a live peer holds
+    server = NodeServer(runner, {1: f"http://127.0.0.1:{free_port()}", 2: cluster.node_url(2)}, token=TOKEN)
+
+    async def run():
+        async with TestServer(server.app(), host="127.0.0.1") as test_server:
+            async with RecommendClient(str(test_server.make_url("")), token=TOKEN) as client:
+                return await client.recommend(req), await client.get_json("/v1/state")
+
+    response, state = asyncio.run(run())
+    assert_same_ranking(response, expected_ranking(engine, req), "fetched and recomputed blocks")
+    assert (response.cache.item_hits, response.cache.item_misses) == (0, 8)
+    assert state["tiers"] == {"peer": 4, "computed": 4}
+    assert sorted(state["misses"]) == sorted(on_2 + on_1)
+    assert state["costs"]["rtt_ms"] != 1.0  # measured on the fetches
+
+
+@pytest.mark.slow
+def test_sigterm_lets_a_node_finish_its_in_flight_requests(cluster, stream):
+    """Last test of the module: node 2 shuts down for good."""
+    # slower requests (a continuation after the ranking), so several are in flight
+    requests = [dataclasses.replace(req, max_new_tokens=40) for req, _ in stream[:6]]
+
+    async def run():
+        async with RecommendClient(cluster.node_url(2), token=TOKEN) as client:
+            sent = [asyncio.ensure_future(client.recommend(req)) for req in requests]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                state = await client.get_json("/v1/state")
+                if state["queue_depth"] >= 3:
+                    break
+                await asyncio.sleep(0.005)
+            cluster.signal("node2", signal.SIGTERM)
+            return await asyncio.gather(*sent, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, RecommendResponse) and r.node == 2 for r in results), results
+    assert cluster.procs["node2"].wait(timeout=30) == 0
+    assert '"event": "stopped"' in cluster.log_tail("node2", 5)
