@@ -10,14 +10,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import random
 import re
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +30,8 @@ from rcllm.data.loaders import prepare
 from rcllm.data.synthetic import make_synthetic
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import MemoryBlockCache
-from rcllm.serve.client import RecommendClient, ServiceError
+from rcllm.serve.client import RecommendClient, ServiceError, send_all
+from rcllm.serve.cluster import ClusterError, LocalCluster, free_port
 from rcllm.serve.coordinator import Coordinator
 from rcllm.serve.costs import CostModel
 from rcllm.serve.directory import ItemDirectory
@@ -294,66 +291,16 @@ def test_cli_refuses_a_missing_cache_with_a_message(tmp_path):
 # a real cluster
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    """3 node processes and a coordinator process on loopback; stopped (no orphans) by stop()."""
+class Cluster(LocalCluster):
+    """The test's cluster: 3 nodes and a coordinator (rcllm.serve.cluster), node ports from the manifest."""
 
     def __init__(self, cache: Path, logs: Path, coordinator_port: int):
-        self.cache, self.logs = cache, logs
-        self.ports = [n["port"] for n in Manifest.load(cache).nodes]
-        self.coordinator_port = coordinator_port
-        self.url = f"http://127.0.0.1:{coordinator_port}"
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.stopping: set[str] = set()
-        self.env = {**os.environ, "RCLLM_TOKEN": TOKEN, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-    def node_url(self, k: int) -> str:
-        return f"http://127.0.0.1:{self.ports[k]}"
-
-    def _start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "rcllm.cli.serve", *args], stdout=log, stderr=log, env=self.env)
-        log.close()
-        self.procs[name] = proc
-        self.stopping.discard(name)
-        return proc
-
-    def start_node(self, k: int) -> subprocess.Popen:
-        return self._start(f"node{k}", "serve", "--node", str(k), "--cache", str(self.cache), "--threads", "1",
-                           "--max-queue", str(MAX_QUEUE), "--hot-mb", "0.5", "--policy", DEFAULT_POLICY)
-
-    def start_coordinator(self) -> subprocess.Popen:
-        return self._start("coordinator", "coordinator", "--cache", str(self.cache), "--port", str(self.coordinator_port),
-                           "--replicate-every", "1.0")
-
-    def log_tail(self, name: str, lines: int = 30) -> str:
-        return "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
-
-    def signal(self, name: str, sig: int) -> None:
-        """Send ``sig`` to a process that is meant to stop (check_alive no longer watches it)."""
-        self.stopping.add(name)
-        self.procs[name].send_signal(sig)
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if name not in self.stopping and proc.poll() is not None:
-                pytest.fail(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        super().__init__(
+            cache, logs, nodes=3, node_ports=[n["port"] for n in Manifest.load(cache).nodes],
+            coordinator_port=coordinator_port, token=TOKEN, env={"OMP_NUM_THREADS": "1"},
+            node_args=("--threads", "1", "--max-queue", str(MAX_QUEUE), "--hot-mb", "0.5", "--policy", DEFAULT_POLICY),
+            coordinator_args=("--replicate-every", "1.0"),
+        )
 
 
 async def cluster_report(url: str) -> dict:
@@ -362,19 +309,10 @@ async def cluster_report(url: str) -> dict:
 
 
 def wait_until(cluster: Cluster, condition, what: str, timeout: float = 120.0) -> dict:
-    """Poll the coordinator's /v1/cluster until ``condition(report)``; bounded in time."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        cluster.check_alive()
-        try:
-            last = asyncio.run(cluster_report(cluster.url))
-            if condition(last):
-                return last
-        except (aiohttp.ClientError, ServiceError, OSError):
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; last report: {json.dumps(last)[:2000]}")
+    try:
+        return cluster.wait_until(condition, what, timeout)
+    except ClusterError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -469,24 +407,7 @@ def assert_same_ranking(got: RecommendResponse, want: list[tuple[str, float]], w
 
 async def send_stream(url: str, requests, concurrency: int, on_done=None) -> list:
     """Each request once, ``concurrency`` at a time; returns responses (or exceptions) in order."""
-    results: list = [None] * len(requests)
-    gate = asyncio.Semaphore(concurrency)
-    done = 0
-    async with RecommendClient(url, timeout_s=60) as client:
-
-        async def one(i, req):
-            nonlocal done
-            async with gate:
-                try:
-                    results[i] = await client.recommend(req)
-                except (ServiceError, aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    results[i] = e
-                done += 1
-                if on_done:
-                    on_done(done)
-
-        await asyncio.gather(*(one(i, req) for i, req in enumerate(requests)))
-    return results
+    return [answer for answer, _ in await send_all(url, requests, concurrency, timeout_s=60, on_done=on_done)]
 
 
 @pytest.mark.slow

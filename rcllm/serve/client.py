@@ -58,3 +58,41 @@ class RecommendClient:
 
     async def metrics(self) -> str:
         return (await self._call("GET", "/metrics")).decode()
+
+
+async def send_all(
+    url: str,
+    requests,
+    concurrency: int = 1,
+    token: str | None = None,
+    timeout_s: float = 120.0,
+    on_done=None,
+) -> list[tuple[object, float]]:
+    """Send each request once, ``concurrency`` at a time, through one client.
+
+    Returns, in request order, ``(response or the exception it raised, end-to-end ms)``; a failed
+    request does not stop the others. ``on_done(n_done)`` is called after each.
+    """
+    import asyncio
+    import time
+
+    results: list = [None] * len(requests)
+    gate = asyncio.Semaphore(concurrency)
+    done = 0
+    async with RecommendClient(url, token=token, timeout_s=timeout_s, concurrency=concurrency) as client:
+
+        async def one(i: int, request) -> None:
+            nonlocal done
+            async with gate:
+                started = time.perf_counter()
+                try:
+                    answer = await client.recommend(request)
+                except (ServiceError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    answer = e
+                results[i] = (answer, (time.perf_counter() - started) * 1e3)
+                done += 1
+                if on_done:
+                    on_done(done)
+
+        await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+    return results

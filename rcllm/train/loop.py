@@ -43,11 +43,12 @@ from rcllm.train.validate import baselines, validate
 
 METHODS = ("lora", "full")
 BLOCK_AWARE = ("mix", "on", "off")
+AMP = ("auto", "bf16", "off")
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
 RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
-               "eval_every", "val_users", "lora_rank")  # fmt: skip
+               "eval_every", "val_users", "lora_rank", "amp")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
 LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
 
@@ -71,6 +72,7 @@ class TrainSettings:
     eval_every: int = 50
     val_users: int = 100
     lora_rank: int = 16
+    amp: str = "auto"  # bf16 autocast of the training forward: auto | bf16 | off
     data_dir: Path | None = None
     resume: bool = False
 
@@ -82,6 +84,8 @@ class TrainSettings:
     def check(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.amp not in AMP:
+            raise ValueError(f"unknown --amp {self.amp!r}; expected one of {', '.join(AMP)}")
         if self.block_aware not in BLOCK_AWARE:
             raise ValueError(f"unknown block-aware mode {self.block_aware!r}; expected one of {', '.join(BLOCK_AWARE)}")
         if not 2 <= self.candidates <= len(LABELS):
@@ -104,8 +108,26 @@ class TrainSettings:
         data["data_dir"] = None if self.data_dir is None else str(self.data_dir)
         return data
 
+    def autocast(self) -> bool:
+        """Whether training forwards run under bfloat16 autocast (weights and optimizer stay fp32).
+
+        ``auto`` turns it on where the hardware computes bfloat16 natively: CUDA devices with bf16
+        support, and CPUs with AVX512-BF16 or AMX (where it is ~2x faster than fp32 for a
+        forward+backward of a 135M model); elsewhere bf16 would be emulated and slower.
+        """
+        if self.amp != "auto":
+            return self.amp == "bf16"
+        if self.device.startswith("cuda"):
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return _cpu_has_bf16()
+
     def block_aware_at(self, step: int) -> bool:
         return self.block_aware == "on" or (self.block_aware == "mix" and step % 2 == 0)
+
+
+def _cpu_has_bf16() -> bool:
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 class TrainingInterrupted(Exception):
@@ -238,6 +260,8 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     if progress:
         progress(state["step"], settings.steps, {})
     label_ids = builder.label_token_ids
+    autocast = settings.autocast()
+    state["autocast_bf16"] = autocast
     prompts: list = []
     try:
         if due(state["step"]) and not any(e["step"] == state["step"] for e in state["evals"]):
@@ -250,7 +274,9 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             started = time.perf_counter()
             prompts = [encoder.encode(e) for e in stream.batch(step, settings.batch)]
             batch = collate(prompts, settings.block_aware_at(step), lm.device)
-            loss = label_loss(answer_logits(model, batch, lm.inv_freq, lm.head_dim), batch, label_ids)
+            with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = answer_logits(model, batch, lm.inv_freq, lm.head_dim)
+            loss = label_loss(logits, batch, label_ids)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
             with deferred_interrupt():
@@ -312,6 +338,7 @@ def _report(settings, state, stream, base, lm, dataset_name) -> dict:
         },
         "data": {"dataset": dataset_name, **stream.sizes()},
         "loss": LOSS,
+        "training_precision": "bf16 autocast, fp32 weights" if state.get("autocast_bf16") else "fp32",
         "steps": state["step"],
         "baselines": base,
         "evals": state["evals"],
