@@ -343,6 +343,12 @@ def eval_command(
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result object to this file."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: TTFT per system, HR@10 with baselines."),
+    endpoint: Optional[str] = typer.Option(
+        None, help="Run against a running coordinator (or node) at this URL instead of in-process; its cache must "
+        "be built from this dataset. Model, cache and device are then the server's.",
+    ),
+    concurrency: int = typer.Option(1, min=1, help="With --endpoint: requests in flight at once."),
+    token: Optional[str] = typer.Option(None, envvar="RCLLM_TOKEN", help="With --endpoint: the servers' bearer token."),
 ) -> None:
     """TTFT, HR@K and fidelity of full prefill, prefix caching and rcllm on the same requests."""
     from rich.progress import Progress
@@ -357,25 +363,54 @@ def eval_command(
         users=users, requests_per_user=requests_per_user, candidates=candidates, history=history,
         negatives=negatives, seed=seed, hot_tier_bytes=hot_tier_mb << 20,
     )
-    try:
-        data = load_dataset(dataset, data_dir=data_dir)
-        ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration)
-        requests = sample_eval_requests(data, settings)
-        with Progress(console=err, transient=True) as progress:
-            source = prepare_block_source(ranker, data, settings, cache, progress=progress, requests=requests)
-            task = progress.add_task("ranking", total=None)
-            result = run_eval(
-                ranker, data, systems, settings, source, model_name=model, device=device, requests=requests,
-                progress=lambda name: progress.update(task, advance=1, description=f"ranking ({name})"),
-            )
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+    if endpoint is not None:
+        result = _eval_endpoint(endpoint, dataset, data_dir, systems, settings, concurrency, token)
+    else:
+        try:
+            data = load_dataset(dataset, data_dir=data_dir)
+            ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration)
+            requests = sample_eval_requests(data, settings)
+            with Progress(console=err, transient=True) as progress:
+                source = prepare_block_source(ranker, data, settings, cache, progress=progress, requests=requests)
+                task = progress.add_task("ranking", total=None)
+                result = run_eval(
+                    ranker, data, systems, settings, source, model_name=model, device=device, requests=requests,
+                    progress=lambda name: progress.update(task, advance=1, description=f"ranking ({name})"),
+                )
+        except (FileNotFoundError, ValueError) as e:
+            _fail(str(e))
     print_result(result, console)
     if json_out:
         _write_json(json_out, result)
         console.print(f"wrote {json_out}")
     if plot:
         console.print(f"wrote {plot_result(result, plot)}")
+
+
+def _eval_endpoint(endpoint, dataset, data_dir, systems, settings, concurrency, token) -> dict:
+    """``rcllm eval --endpoint``: the same requests sent to a running coordinator or node."""
+    from rich.progress import Progress
+
+    from rcllm.data.loaders import load_dataset
+    from rcllm.eval.endpoint import EndpointError, endpoint_systems, run_endpoint_eval
+    from rcllm.eval.runner import sample_eval_requests
+
+    try:
+        endpoint_systems(systems)  # a list the server cannot run is refused before anything loads
+        data = load_dataset(dataset, data_dir=data_dir)
+        requests = sample_eval_requests(data, settings)
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task(f"{endpoint}", total=len(requests))
+
+            def advance(name: str, done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total, description=f"{name} via {endpoint}")
+
+            return run_endpoint_eval(
+                endpoint, data, systems, settings, concurrency=concurrency, token=token, requests=requests,
+                progress=advance, note=lambda message: err.print(f"[yellow]note:[/] {message}"),
+            )
+    except (EndpointError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -12,22 +12,35 @@ from rich.table import Table
 
 def result_tables(result: dict) -> tuple[Table, Table]:
     """Latency and cache behaviour per system; then quality, fidelity and the model-free baselines."""
+    where = (
+        f"via {result['endpoint']} at concurrency {result['concurrency']}" if "endpoint" in result
+        else f"{result['model']} on {result['device']}"
+    )
     title = (
         f"rcllm eval: {result['dataset']}, {result['n_requests']} requests from {result['n_users']} users, "
-        f"{result['candidates']} candidates, {result['model']} on {result['device']}"
+        f"{result['candidates']} candidates, {where}"
     )
     systems = result["systems"]
     base = systems["full"]["ttft_ms"]["mean"] if "full" in systems else None
+    served = any("latency_ms" in s for s in systems.values())  # --endpoint: client-side figures too
     latency = Table(title=title)
-    for column in ("system", "TTFT mean ms", "p50", "p90", "p99", "vs full", "user hit", "item hit", "recomputed"):
+    columns = ["system", "TTFT mean ms", "p50", "p90", "p99", "vs full", "user hit", "item hit", "recomputed"]
+    if served:
+        columns += ["end-to-end mean ms", "e2e p99", "req/s", "errors"]
+    for column in columns:
         latency.add_column(column, justify="left" if column == "system" else "right")
     for name, s in systems.items():
         t = s["ttft_ms"]
-        latency.add_row(
+        row = [
             name, f"{t['mean']:.1f}", f"{t['p50']:.1f}", f"{t['p90']:.1f}", f"{t['p99']:.1f}",
             f"{base / t['mean']:.2f}x" if base else "-",
             f"{s['hit_ratio']['user']:.2f}", f"{s['hit_ratio']['item']:.2f}", f"{s['recomputed_fraction']:.0%}",
-        )
+        ]
+        if served:
+            e2e = s.get("latency_ms")
+            row += [f"{e2e['mean']:.1f}", f"{e2e['p99']:.1f}", f"{s['throughput_rps']:.2f}", str(s["errors"])] if e2e \
+                else ["-"] * 4
+        latency.add_row(*row)
     quality = Table(title=f"quality and fidelity to full prefill (label-bias correction: {result['calibration']})")
     for column in ("system", "HR@1", "HR@5", "HR@10", "NDCG@10", "MRR", "top-1 agree", "tau", "KL", "dHR@10"):
         quality.add_column(column, justify="left" if column == "system" else "right")
@@ -68,6 +81,9 @@ def plot_result(result: dict, path: str | Path) -> Path:
     ax1.bar(x, means, color="#4c72b0", label="mean")
     ax1.errorbar(x, p50, yerr=[[0] * len(names), [b - a for a, b in zip(p50, p99)]], fmt="o", color="black",
                  capsize=4, label="p50 to p99")
+    if all("latency_ms" in systems[n] for n in names):  # --endpoint: what the client waited, queueing included
+        ax1.plot(list(x), [systems[n]["latency_ms"]["mean"] for n in names], "x", color="#c44e52", markersize=9,
+                 label="end-to-end mean")
     ax1.set_xticks(list(x), names, rotation=20, ha="right")
     ax1.set_ylabel("time to first token (ms)")
     ax1.set_title("latency")

@@ -95,7 +95,6 @@ def run_eval(
         raise ValueError(f"{dataset.name}: no user qualifies for a leave-one-out request")
     texts = {i: item_text(item) for i, item in dataset.items.items()}
     prompts = [([texts[i] for i in r.history], [texts[i] for i in r.candidates]) for r in requests]
-    positives = [r.candidates.index(r.positive) for r in requests]
     for size in {len(r.candidates) for r in requests}:
         if ranker.calibration == "contextual":
             ranker.label_prior(min(size, ranker.builder.max_candidates))  # once, before any timing
@@ -117,13 +116,52 @@ def run_eval(
             rankings[name].append(system.rank(history, candidates))
             if progress:
                 progress(name)
-    ranks = {name: [rank_of(r.order, p) for r, p in zip(rs, positives)] for name, rs in rankings.items()}
+    return assemble_result(
+        dataset, requests, settings, names, rankings, model_name=model_name, device=device,
+        calibration=ranker.calibration,
+    )
+
+
+def assemble_result(
+    dataset: Dataset,
+    requests: Sequence[RankingRequest],
+    settings: EvalSettings,
+    names: Sequence[str],
+    rankings: dict[str, Sequence[Ranking | None]],
+    *,
+    model_name: str,
+    device: str,
+    calibration: str,
+) -> dict:
+    """The ``--json`` object from each system's rankings of ``requests``, in-process or over HTTP.
+
+    ``rankings[name][i]`` is system ``name``'s ranking of ``requests[i]``, or None where that
+    request failed (``--endpoint``): a failed request is left out of that system's metrics, and
+    fidelity compares only the requests both it and ``full`` answered. ``rankings["full"]`` must
+    be there whenever a system other than ``full`` is named (fidelity is measured against it).
+    Baselines are computed without a model on every request.
+    """
+    positives = [r.candidates.index(r.positive) for r in requests]
+    answered = {name: [i for i, r in enumerate(rs) if r is not None] for name, rs in rankings.items()}
+    for name in names:
+        if not answered[name]:
+            raise ValueError(f"{name}: no request was answered")
+    ranks = {
+        name: {i: rank_of(rs[i].order, positives[i]) for i in answered[name]} for name, rs in rankings.items()
+    }
 
     out_systems = {}
     for name in names:
-        summary = _system_summary(rankings[name], ranks[name])
+        kept = answered[name]
+        summary = _system_summary([rankings[name][i] for i in kept], [ranks[name][i] for i in kept])
         if name != "full":
-            summary["fidelity"] = _fidelity(rankings["full"], rankings[name], ranks["full"], ranks[name])
+            both = [i for i in kept if rankings["full"][i] is not None]
+            if not both:
+                raise ValueError(f"{name}: no request answered by both it and full, so no fidelity to measure")
+            summary["fidelity"] = _fidelity(
+                [rankings["full"][i] for i in both], [rankings[name][i] for i in both],
+                [ranks["full"][i] for i in both], [ranks[name][i] for i in both],
+            )
         out_systems[name] = summary
 
     rng = random.Random(settings.seed)
@@ -138,7 +176,7 @@ def run_eval(
         "n_requests": len(requests),
         "candidates": settings.candidates,
         "seed": settings.seed,
-        "calibration": ranker.calibration,
+        "calibration": calibration,
         "systems": out_systems,
         "baselines": {"random": summarize(random_ranks), "popularity": summarize(pop_ranks)},
     }
