@@ -33,13 +33,16 @@ def serve(
     policy: str = typer.Option("boundary:2", help="Default correction policy: none | boundary:K | deviation:R | full."),
     hot_mb: float = typer.Option(256.0, help="Memory budget of the hot block tier, MiB."),
     max_queue: int = typer.Option(64, min=1, help="Requests waiting for the engine before the node answers 503."),
+    peers: Optional[str] = typer.Option(
+        None, help="Every node's address host:port,... in node order, for block fetches (default: the manifest's)."
+    ),
     token: Optional[str] = typer.Option(None, envvar="RCLLM_TOKEN", help=TOKEN_HELP),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     log_level: str = typer.Option("info", help="debug (one line per request) | info | warning."),
 ) -> None:
     """Serve one node: its item blocks, the replicated history blocks, and the ranking engine."""
     from rcllm.engine.policy import parse_policy
-    from rcllm.serve.http import serve_until_signalled, setup_logging
+    from rcllm.serve.http import parse_address, serve_until_signalled, setup_logging
     from rcllm.serve.node import NodeServer
     from rcllm.serve.runner import NodeRunner
     from rcllm.store import IncompatibleCacheError, Manifest
@@ -56,8 +59,19 @@ def serve(
         runner = NodeRunner.open(cache, node, hot_bytes=int(hot_mb * 2**20), policy=policy, model=model, device=device)
     except (FileNotFoundError, IncompatibleCacheError, ValueError) as e:
         _fail(str(e))
-    peers = {n["node"]: f"http://{n['host']}:{n['port']}" for n in manifest.nodes if n["node"] != node}
-    server = NodeServer(runner, peers, token=token, max_queue=max_queue)
+    if peers:
+        addresses = [a.strip() for a in peers.split(",") if a.strip()]
+        if len(addresses) != len(manifest.nodes):
+            _fail(f"--peers names {len(addresses)} addresses; the cache has {len(manifest.nodes)} nodes")
+        try:
+            for a in addresses:
+                parse_address(a)
+        except ValueError as e:
+            _fail(f"--peers: {e}")
+        urls = {k: f"http://{a}" for k, a in enumerate(addresses)}
+    else:
+        urls = {n["node"]: f"http://{n['host']}:{n['port']}" for n in manifest.nodes}
+    server = NodeServer(runner, {k: u for k, u in urls.items() if k != node}, token=token, max_queue=max_queue)
     listen = manifest.nodes[node]["port"] if port is None else port
     asyncio.run(serve_until_signalled(server.app(), host, listen, role="node", node=node))
 

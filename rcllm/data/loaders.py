@@ -18,7 +18,19 @@ from rcllm.data.movielens import (
 )
 from rcllm.data.synthetic import make_synthetic
 
-DATASETS = ("ml-1m", "ml-100k", "synthetic")
+DATASETS = ("ml-1m", "ml-100k", "synthetic", "bookshop")
+
+
+def bookshop_dir() -> Path:
+    """``examples/bookshop``: the small example catalog (48 invented books in six shelves) and 24
+    readers' histories written for rcllm's demo and walk-through; it ships in the source tree."""
+    folder = Path(__file__).resolve().parents[2] / "examples" / "bookshop"
+    if not (folder / CATALOG_FILE).is_file():
+        raise FileNotFoundError(
+            f"the bookshop example is not at {folder} (it ships in the source tree's examples/, which this install "
+            "lacks): pass --dataset ml-100k or a folder with catalog.jsonl and interactions.jsonl"
+        )
+    return folder
 CATALOG_FILE, INTERACTIONS_FILE, HISTORIES_FILE = "catalog.jsonl", "interactions.jsonl", "histories.jsonl"
 
 
@@ -35,6 +47,8 @@ def load_dataset(name_or_path: str, data_dir: Path | None = None, **synthetic_kw
         return load_ml1m(find_ml1m(data_dir))
     if name_or_path == "ml-100k":
         return _load_ml100k(data_dir)
+    if name_or_path == "bookshop":
+        return load_folder(bookshop_dir())
     folder = Path(name_or_path)
     if folder.is_dir():
         return load_folder(folder)

@@ -49,8 +49,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class LocalCluster:
     """``nodes`` node processes of ``cache`` and a coordinator, each on its own loopback port.
 
-    ``node_ports`` default to free ports (the manifest's addresses are overridden by flags, so the
-    cache is not modified); ``node_args`` / ``coordinator_args`` are extra command-line flags.
+    ``node_ports`` default to free ports (nodes get ``--port`` and ``--peers``, the coordinator
+    ``--nodes``: the manifest's addresses are overridden by flags and the cache is not modified); ``node_args`` / ``coordinator_args`` are extra command-line flags.
     """
 
     def __init__(
@@ -102,9 +102,10 @@ class LocalCluster:
         return proc
 
     def start_node(self, k: int) -> subprocess.Popen:
+        peers = ",".join(f"127.0.0.1:{p}" for p in self.ports)
         return self._start(
             f"node{k}", "serve", "--node", str(k), "--cache", str(self.cache), "--port", str(self.ports[k]),
-            *self.node_args,
+            "--peers", peers, *self.node_args,
         )
 
     def start_coordinator(self) -> subprocess.Popen:
