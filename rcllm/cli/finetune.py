@@ -13,6 +13,8 @@ console = Console()
 err = Console(stderr=True)
 
 DATASET_HELP = "ml-1m | ml-100k | synthetic | a folder with catalog.jsonl and interactions.jsonl."
+from rcllm.cli import DATA_DIR_HELP
+
 MODEL_HELP = "Model to start from: the embedded 'smollm2-135m', a local folder, or a Hugging Face id."
 
 
@@ -43,7 +45,7 @@ def finetune(
         help="bf16 autocast of the training forward (weights and optimizer stay fp32): auto (on for CUDA with bf16 "
         "and for CPUs with AVX512-BF16/AMX, where it is ~2x faster) | bf16 | off.",
     ),
-    data_dir: Optional[Path] = typer.Option(None, help="Where the GroupLens files are (ml-1m, ml-100k)."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run whose checkpoint is in OUT.ckpt."),
 ) -> None:

@@ -24,6 +24,8 @@ app.add_typer(model_app, name="model")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
+from rcllm.cli import DATA_DIR_HELP
+
 MODEL_HELP = "Model: the embedded 'smollm2-135m', a local folder, or a Hugging Face id."
 POLICY_HELP = "Correction policy: none | boundary:K | deviation:R | full."
 
@@ -216,8 +218,8 @@ def build_cache_command(
     out: Path = typer.Option(DEFAULT_CACHE, help="Cache folder (created; a rerun resumes it)."),
     nodes: int = typer.Option(2, min=1, help="Serving nodes to shard the item blocks across."),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-    users: Optional[Path] = typer.Option(None, help="histories.jsonl: user histories to precompute (replicated to every node)."),
-    interactions: Optional[Path] = typer.Option(None, help="interactions.jsonl: keeps items that co-occur on one node."),
+    users: Optional[Path] = typer.Option(None, help="histories.jsonl: user histories to precompute (replicated to every node). Default: none, item blocks only."),
+    interactions: Optional[Path] = typer.Option(None, help="interactions.jsonl: keeps items that co-occur on one node. Default: none, placement by similarity only."),
     append: bool = typer.Option(False, help="Add new (cold-start) items to an existing cache: no rebuild."),
     embedder: str = typer.Option("minilm", help="Item embedder for placement: minilm | llm | a sentence-encoder folder."),
     max_item_tokens: int = typer.Option(256, help="Refuse items whose block would be longer than this."),
@@ -331,7 +333,7 @@ DATASET_HELP = "ml-1m | ml-100k | synthetic | bookshop (the example in examples/
 def data_prepare(
     dataset: str = typer.Argument(..., help=DATASET_HELP),
     out: Path = typer.Option(..., "--out", help="Folder to write catalog.jsonl, interactions.jsonl, histories.jsonl."),
-    data_dir: Optional[Path] = typer.Option(None, help="Where the GroupLens files are (ml-1m, ml-100k)."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
 ) -> None:
     """Write a dataset in rcllm's formats: the build-cache catalog, interactions and histories."""
     from rcllm.data.loaders import load_dataset, prepare
@@ -349,7 +351,7 @@ def data_prepare(
 @app.command("eval")
 def eval_command(
     dataset: str = typer.Option("ml-100k", help=DATASET_HELP),
-    data_dir: Optional[Path] = typer.Option(None, help="Where the GroupLens files are (ml-1m, ml-100k)."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     users: int = typer.Option(200, min=1, help="Sampled test users."),
     requests_per_user: int = typer.Option(3, min=1, help="Requests per user (fresh negatives each), interleaved."),
     candidates: int = typer.Option(20, min=2, help="Candidates per request: the positive plus C-1 negatives."),
@@ -366,14 +368,14 @@ def eval_command(
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16."),
     seed: int = typer.Option(0, help="Seed for users, negatives and request order."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result object to this file."),
-    plot: Optional[Path] = typer.Option(None, help="Write a PNG: TTFT per system, HR@10 with baselines."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result object to this file (default: printed table only)."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG: TTFT per system, HR@10 with baselines (default: no plot)."),
     endpoint: Optional[str] = typer.Option(
         None, help="Run against a running coordinator (or node) at this URL instead of in-process; its cache must "
-        "be built from this dataset. Model, cache and device are then the server's.",
+        "be built from this dataset. Model, cache and device are then the server's. Default: in-process.",
     ),
     concurrency: int = typer.Option(1, min=1, help="With --endpoint: requests in flight at once."),
-    token: Optional[str] = typer.Option(None, envvar="RCLLM_TOKEN", help="With --endpoint: the servers' bearer token."),
+    token: Optional[str] = typer.Option(None, envvar="RCLLM_TOKEN", help="With --endpoint: the servers' bearer token (also read from RCLLM_TOKEN; default: none)."),
 ) -> None:
     """TTFT, HR@K and fidelity of full prefill, prefix caching and rcllm on the same requests."""
     from rich.progress import Progress

@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 DEFAULT_CACHE = Path("rcllm-cache")
-TOKEN_HELP = "Shared secret: calls to nodes must carry 'Authorization: Bearer <token>' (also read from RCLLM_TOKEN)."
+from rcllm.cli import TOKEN_HELP
 
 
 def _fail(message: str) -> None:

@@ -1,0 +1,69 @@
+"""The examples in examples/ run as documented (on the tiny model, to stay quick)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive ports that are free now."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65535:
+            continue
+        try:
+            held = []
+            for port in range(base, base + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+def test_python_api_example_ranks_with_every_policy(tiny_models):
+    result = subprocess.run([sys.executable, "examples/python_api.py", "--model", str(tiny_models["llama"])],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("reader-01 read: ")
+    for policy in ("full", "boundary:2", "none"):
+        assert any(line.strip().startswith(f"{policy}: TTFT") for line in lines), result.stdout
+    assert "recomputed 100%, same top-1 as full: True" in result.stdout
+    assert lines[-1].startswith("held-out next book: ")
+
+
+@pytest.mark.slow
+def test_walkthrough_runs_the_four_commands_against_each_other(tiny_models, tmp_path):
+    env = {**ENV, "MODEL": str(tiny_models["llama"]), "WORK": str(tmp_path / "work"), "PORT": str(free_port_run(3)),
+           "RCLLM": str(Path(sys.executable).parent / "rcllm"), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "examples/walkthrough.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert "2 nodes up" in out
+    assert '"ranking": [{"item_id": ' in out and "user block hit True" in out  # the HTTP client example
+    assert "rcllm:boundary:2" in out and "req/s" in out  # eval --endpoint's table
+    logs = tmp_path / "work" / "logs"
+    for name in ("node0", "node1", "coordinator"):
+        assert (logs / f"{name}.log").exists()
+    # the script stopped its servers: nothing listens on its ports any more
+    for port in range(int(env["PORT"]), int(env["PORT"]) + 3):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
