@@ -45,6 +45,7 @@ __all__ = [
     "pull_embedded",
     "resolve_model",
     "user_cache_dir",
+    "wrap_model",
 ]
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -755,5 +756,34 @@ def load_model(
         head_dim=head_dim,
         device=device,
         dtype=dtype,
+        sliding_window=_sliding_window(model.config, family),
+    )
+
+
+def wrap_model(model, tokenizer=None, *, name: str = "in-memory", fingerprint: str | None = None) -> LoadedModel:
+    """A :class:`LoadedModel` around a causal LM already in memory (e.g. random weights built
+    from a config), with the same family and RoPE checks as :func:`load_model`.
+
+    The fingerprint hashes the config and every weight unless one is given: reading an 8B
+    model's weights back to the host takes a while, so benchmarks of random models pass their own.
+    Without a tokenizer the engine still runs on token ids; only ``tokenizer_hash`` is empty.
+    """
+    family = check_supported(model.config)
+    model.eval()
+    model.requires_grad_(False)
+    weight = next(model.parameters())
+    inv_freq, head_dim = _rotary(model, model.config, family)
+    return LoadedModel(
+        name=name,
+        path=name,
+        model=model,
+        tokenizer=tokenizer,
+        family=family,
+        fingerprint=fingerprint or _fingerprint(model.config, _state_dict_hash(model)),
+        tokenizer_hash=_tokenizer_hash(tokenizer) if tokenizer is not None else "",
+        inv_freq=inv_freq.to(weight.device),
+        head_dim=head_dim,
+        device=weight.device,
+        dtype=weight.dtype,
         sliding_window=_sliding_window(model.config, family),
     )
