@@ -14,6 +14,9 @@ prompt (as the cache builder does), then:
 - ``prefix cache``: system and history cached where they were computed, the rest recomputed;
 - ``rcllm:POLICY``: every block reused, with its blocks in the GPU tier (device memory) or in
   the CPU tier (pinned host memory, copied in by the placement of each request);
+- ``rcllm:POLICY CUDA graph``: the same, its recompute pass replayed as a CUDA graph over static
+  buffers (``rcllm.engine.graphs``; eager "static buffers" on CPU), with its logits' distance
+  from the eager pass as a check;
 - ``weight-read floor``: bytes of the weights / device memory read bandwidth (measured with a
   device-to-device copy): no forward that touches every weight once can be faster.
 
@@ -59,6 +62,7 @@ SMOKE_MODELS = {
     ),
 }
 POLICIES = ("none", "boundary:2", "boundary:4", "deviation:0.15")
+GRAPH_POLICIES = ("none", "boundary:2", "boundary:4")  # deviation narrows on the host mid-pass: no graph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +166,14 @@ def host_to_device_ms(segments, device: torch.device, runs: int) -> float:
 def run_model(name: str, dims: dict, shapes, device, dtype, runs: int, seed: int) -> tuple[list[dict], dict]:
     from rcllm.engine.blocks import uncached
     from rcllm.engine.forward import BlockEngine
+    from rcllm.engine.graphs import StaticRecompute
 
     lm = build_model(dims, device, dtype, seed)
     engine = BlockEngine(lm)
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     floor_ms = weight_bytes / read_bandwidth(device) * 1000.0
+    static = StaticRecompute(engine, max_length=max(shape.length for shape in shapes))
+    static_name = "CUDA graph" if static.use_graphs else "static buffers"
     rows = []
     for shape in shapes:
         segments, cpu_tier = build_prompt(engine, shape, dims["vocab_size"], seed)
@@ -197,6 +204,13 @@ def run_model(name: str, dims: dict, shapes, device, dtype, runs: int, seed: int
                 r = engine.forward(segs, policy)
                 ms = median_ms(lambda: engine.forward(segs, policy), device, runs)
                 rows.append(dict(base, system=f"rcllm:{policy}", tier=tier, ms=ms, recomputed=r.recomputed_fraction, full_ms=full_ms))
+            for policy in GRAPH_POLICIES:
+                eager = engine.forward(segs, policy)
+                ms = median_ms(lambda: static.forward(segs, policy), device, runs)
+                rows.append(dict(
+                    base, system=f"rcllm:{policy} {static_name}", tier=tier, ms=ms, recomputed=eager.recomputed_fraction,
+                    full_ms=full_ms, dlogit_eager=float((static.forward(segs, policy).logits - eager.logits).abs().max()),
+                ))
         if device.type == "cuda":
             rows.append(dict(
                 base, system="CPU tier: host->device copy of all blocks", tier="cpu",
@@ -209,7 +223,7 @@ def run_model(name: str, dims: dict, shapes, device, dtype, runs: int, seed: int
         layers=dims["num_hidden_layers"], hidden=dims["hidden_size"], heads=dims["num_attention_heads"],
         kv_heads=dims["num_key_value_heads"], head_dim=dims["head_dim"],
     )
-    del engine, lm
+    del static, engine, lm
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows, facts
@@ -281,6 +295,7 @@ def main() -> None:
         for row in rows:
             recomputed = f"{row['recomputed']:.0%}" if "recomputed" in row else ""
             note = f" (max|dlogit| vs transformers {row['dlogit']:.2g})" if "dlogit" in row else ""
+            note += f" (max|dlogit| vs eager {row['dlogit_eager']:.2g})" if "dlogit_eager" in row else ""
             table.add_row(
                 str(row["length"]), str(row["candidates"]), row["system"] + note, row["tier"], recomputed,
                 f"{row['ms']:.2f}", f"{row['full_ms'] / row['ms']:.2f}x",

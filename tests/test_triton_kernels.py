@@ -1,7 +1,7 @@
 """The Triton kernels against their torch references, and the dispatch between the two.
 
 On a CUDA machine the kernels run compiled on the GPU. Elsewhere they run under Triton's CPU
-interpreter (TRITON_INTERPRET=1, which must be set before the kernels are defined), so CI checks
+interpreter (TRITON_INTERPRET=1, set by conftest.py before triton is imported), so CI checks
 their logic without a GPU; the interpreter's own numerics differ in one place (it rounds
 float32 -> bfloat16 toward zero, the GPU to nearest), which the bf16 tolerances allow for.
 Without Triton installed these tests skip. The max errors are printed at the end of the run.
@@ -9,7 +9,6 @@ Without Triton installed these tests skip. The max errors are printed at the end
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 from types import SimpleNamespace
@@ -39,28 +38,16 @@ _max_errors: dict[tuple[str, str], float] = {}
 
 @pytest.fixture(scope="module")
 def triton_modules(request):
-    """(triton_kv, triton_attention): compiled for CUDA, else defined under the interpreter."""
+    """(triton_kv, triton_attention): compiled for CUDA, else run by the interpreter (conftest.py
+    sets TRITON_INTERPRET=1 on machines without CUDA, before anything imports triton)."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed (pip install -e '.[gpu]')")
-    names = ("rcllm.kernels.triton_kv", "rcllm.kernels.triton_attention")
-    if ON_CUDA:
-        modules = tuple(importlib.import_module(n) for n in names)
-    else:
-        # Set while the kernels are defined and while they run (triton reads it lazily too);
-        # reload: an earlier import (the dispatch test) may have defined them compiled.
-        saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        request.addfinalizer(lambda: _restore("TRITON_INTERPRET", saved))
-        modules = tuple(importlib.reload(importlib.import_module(n)) for n in names)
+    if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA, and TRITON_INTERPRET=1 was not set before triton was imported")
+    from rcllm.kernels import triton_attention, triton_kv
+
     request.addfinalizer(lambda: _report(request.config))
-    return modules
-
-
-def _restore(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
+    return triton_kv, triton_attention
 
 
 def _report(config) -> None:

@@ -1,0 +1,142 @@
+"""The recompute pass over static buffers, replayed as a CUDA graph (gpt-fast's trick).
+
+An eager :meth:`BlockEngine.forward` of an 8B model launches a few hundred small kernels per
+prompt, and on a GPU their launch cost, not the arithmetic, sets the TTFT. Here every tensor the
+layer loop touches lives at a fixed address, so the loop is captured once per size and replayed:
+
+- the context is one preallocated pair [layers, kv_heads, max_length + 1, head_dim]; the last
+  slot is scratch. Attention always spans the whole buffer: it is causal by position, so
+  entries past the prompt (left from earlier prompts, zero at first) are never seen;
+- the recomputed tokens are padded up to a multiple of ``bucket`` with rows at the scratch
+  position: they attend and write only there, and no real token can see them;
+- the logits are read at a row given by a buffer, so one graph serves every m in its bucket.
+
+Policies whose recomputed set is the same in every layer (``none``, ``boundary:K``, ``full``)
+run here; ``deviation`` narrows its set after a check layer on the host, so it stays with
+:meth:`BlockEngine.forward`. On CPU the same static pass runs eagerly (no graph): that is what
+the tests compare with the engine's own forward.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from rcllm import kernels
+from rcllm.engine.blocks import Segment
+from rcllm.engine.forward import BlockEngine, ForwardResult
+from rcllm.engine.policy import Policy, base_selection, parse_policy
+
+
+class StaticRecompute:
+    """``forward(segments, policy)`` like :meth:`BlockEngine.forward` (no generation), for prompts
+    of up to ``max_length`` tokens, captured as one CUDA graph per bucket of recomputed tokens."""
+
+    def __init__(self, engine: BlockEngine, max_length: int, bucket: int = 64):
+        if max_length < 1 or bucket < 1:
+            raise ValueError("max_length and bucket must be >= 1")
+        self.engine = engine
+        self.max_length = max_length
+        self.bucket = bucket
+        self.scratch = max_length  # the padding rows' position
+        shape = (engine.n_layers, engine.n_kv_heads, max_length + 1, engine.head_dim)
+        self.ctx_k = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
+        self.ctx_v = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
+        self.use_graphs = engine.device.type == "cuda"
+        self._graphs: dict[int, tuple] = {}  # rows -> (graph or None, ids, idx, last, logits)
+        self._pool = None
+
+    @torch.inference_mode()
+    def forward(self, segments: Sequence[Segment], policy: str | Policy = "full") -> ForwardResult:
+        started = time.perf_counter()
+        engine = self.engine
+        policy = parse_policy(policy)
+        if policy.kind == "deviation":
+            raise ValueError(
+                "deviation narrows its recomputed tokens after its check layer: run it with BlockEngine.forward"
+            )
+        for i, seg in enumerate(segments):
+            if seg.kv is not None:
+                engine._check_block(seg.kv, seg.name or f"#{i}")
+        length = sum(s.n_tokens for s in segments)
+        if length == 0:
+            raise ValueError("empty prompt: at least one token is needed")
+        if length > self.max_length:
+            raise ValueError(f"prompt of {length} tokens exceeds this pass's {self.max_length}-token buffers")
+        engine._check_length(length)
+
+        # the same selection as BlockEngine.forward
+        ids = torch.cat([s.token_ids for s in segments])
+        fresh = torch.cat([torch.full((s.n_tokens,), s.kv is None or policy.kind == "full") for s in segments])
+        exact = torch.cat([torch.full((s.n_tokens,), e) for s, e in zip(segments, engine._exact(segments, ids))])
+        offset = torch.cat([torch.arange(s.n_tokens) for s in segments])
+        selected = base_selection(policy, fresh, offset, exact)
+        selected[-1] = True
+        idx = selected.nonzero().flatten()
+        m = idx.numel()
+
+        if policy.kind != "full":
+            starts, placed, start = [], [], 0
+            for seg in segments:
+                if seg.kv is not None:
+                    placed.append(seg.kv)
+                    starts.append(start)
+                start += seg.n_tokens
+            kernels.place_blocks(
+                self.ctx_k, self.ctx_v, [b.keys for b in placed], [b.values for b in placed], starts,
+                [s - b.base_pos for s, b in zip(starts, placed)], engine.inv_freq,
+            )
+
+        rows = -(-m // self.bucket) * self.bucket
+        graph, ids_buf, idx_buf, last_buf, logits = self._graph(rows)
+        ids_buf.copy_(torch.cat([ids[idx], ids.new_zeros(rows - m)]))
+        idx_buf.copy_(torch.cat([idx, idx.new_full((rows - m,), self.scratch)]))
+        last_buf.fill_(m - 1)
+        if graph is None:
+            logits = self._run(ids_buf, idx_buf, last_buf)
+        else:
+            graph.replay()
+        return ForwardResult(
+            logits=logits.flatten().cpu(),
+            n_tokens=length,
+            recomputed_tokens=m,
+            recomputed_fraction=m / length,
+            prefill_ms=(time.perf_counter() - started) * 1000.0,
+        )
+
+    def _run(self, ids: torch.Tensor, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The layer loop on static tensors: the body of the graph."""
+        engine = self.engine
+        h = engine.embed(ids).unsqueeze(0)
+        width = self.ctx_k.shape[-2]
+        for layer_no, layer in enumerate(engine.layers):
+            h, _ = engine._layer(layer, h, idx, self.ctx_k[layer_no], self.ctx_v[layer_no], width, False)
+        return engine.lm_head(engine.norm(h[0].index_select(0, last))).float()
+
+    def _graph(self, rows: int) -> tuple:
+        if rows in self._graphs:
+            return self._graphs[rows]
+        device = self.engine.device
+        ids = torch.zeros(rows, dtype=torch.long, device=device)
+        idx = torch.full((rows,), self.scratch, dtype=torch.long, device=device)
+        last = torch.zeros(1, dtype=torch.long, device=device)
+        if not self.use_graphs:
+            entry = (None, ids, idx, last, None)
+        else:
+            # Warm up on a side stream first (Triton compiles, the allocator settles), as
+            # torch.cuda.graph requires. Only the scratch slot is written: idx is all scratch.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run(ids, idx, last)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._run(ids, idx, last)
+            self._pool = graph.pool()
+            entry = (graph, ids, idx, last, logits)
+        self._graphs[rows] = entry
+        return entry
