@@ -47,7 +47,7 @@ def _selective_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = tl.minimum(tl.max(pos, 0) + 1, length)
+    end = tl.minimum(tl.max(pos, 0) + 1, length).to(tl.int32)
     for start in range(0, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < length

@@ -36,7 +36,7 @@ def _place_blocks_kernel(
     BLOCK_H: tl.constexpr,
 ):
     b = tl.program_id(0)
-    row = tl.program_id(1)  # (layer, kv head)
+    row = tl.program_id(1).to(tl.int64)  # (layer, kv head); int64: offsets can pass 2**31
     t0 = tl.program_id(2) * BLOCK_T
     n = tl.load(table + 2 * n_blocks + b)
     if t0 < n:
@@ -127,11 +127,11 @@ def place_blocks(
     sizes = [k.shape[-2] for k in keys]
     table = torch.tensor(
         [[k.data_ptr() for k in keys], [v.data_ptr() for v in values], sizes, list(starts)], dtype=torch.int64
-    )
+    ).to(device, non_blocking=True)
     # angles in float64, cos/sin rounded once to float32: the reference's numerics
-    angles = torch.tensor(list(deltas), dtype=torch.float64)[:, None] * inv_freq.detach().cpu().to(torch.float64)
+    delta = torch.tensor(list(deltas), dtype=torch.float64).to(device, non_blocking=True)
+    angles = delta[:, None] * inv_freq.to(device=device, dtype=torch.float64)
     cos, sin = angles.cos().to(torch.float32), angles.sin().to(torch.float32)
-    table, cos, sin = (t.to(device, non_blocking=True) for t in (table, cos, sin))
     half = head_dim // 2
     block_t = 32
     grid = (len(keys), k_rows.shape[0], triton.cdiv(max(sizes), block_t))
@@ -148,7 +148,7 @@ def _scatter_kv_kernel(
     k_row, k_tok, v_row, v_tok, dst_row, dst_tok,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)  # (layer, kv head)
+    row = tl.program_id(0).to(tl.int64)  # (layer, kv head)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.arange(0, BLOCK_D)
     mask = (t[:, None] < m) & (c[None, :] < d)
