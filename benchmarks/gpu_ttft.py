@@ -1,6 +1,6 @@
 """GPU time to first token: full prefill vs prefix cache vs rcllm, next to the weight-read floor.
 
-    python benchmarks/gpu_ttft.py                 # one H100/H200: about 3 minutes
+    python benchmarks/gpu_ttft.py                 # one H100/H200; sized for < 4 min, not yet timed there
     python benchmarks/gpu_ttft.py --smoke         # tiny dims, any device (CI runs it on CPU)
 
 Random-weight models with the dimensions of Llama-3-8B and Qwen2.5-0.5B (built from transformers
