@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from rcllm.data.loaders import prepare
+from rcllm.data.synthetic import make_synthetic
 from rcllm.demo import STATE_FILE
 from rcllm.store import Manifest
 
@@ -69,6 +71,15 @@ def wait_for_cluster(proc: subprocess.Popen, out: Path, timeout: float = 240.0) 
     pytest.fail(f"the demo's cluster did not start in time:\n{demo_log(out)}")
 
 
+@pytest.fixture(scope="module")
+def big_data(tmp_path_factory) -> Path:
+    """Enough items that the build takes seconds and enough users that the stream does too, so an
+    interruption lands where the test means it to even with the tiny model."""
+    folder = tmp_path_factory.mktemp("demo-data")
+    prepare(make_synthetic(n_items=1500, n_users=300, n_interactions_per_user=(4, 8), seed=0), folder)
+    return folder
+
+
 @pytest.mark.slow
 def test_demo_runs_to_completion_on_the_embedded_defaults(tmp_path):
     """What the README's first command runs (fewer requests)."""
@@ -86,12 +97,12 @@ def test_demo_runs_to_completion_on_the_embedded_defaults(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
-def test_interrupting_the_demo_mid_stream_leaves_no_server_running(sig, tiny_models, tmp_path):
+def test_interrupting_the_demo_mid_stream_leaves_no_server_running(sig, tiny_models, big_data, tmp_path):
     """Ctrl-C: the demo stops its children and exits 130. SIGKILL: the children notice their
     parent died and stop. Either way the cache stays whole and a rerun completes."""
     out = tmp_path / "demo"
     model = str(tiny_models["llama"])
-    proc = start_demo(out, "--model", model, "--requests", "24", "--concurrency", "1")
+    proc = start_demo(out, "--dataset", str(big_data), "--model", model, "--requests", "300", "--concurrency", "1")
     try:
         state = wait_for_cluster(proc, out)
         pids = list(state["pids"].values())
@@ -109,21 +120,23 @@ def test_interrupting_the_demo_mid_stream_leaves_no_server_running(sig, tiny_mod
         assert not (out / STATE_FILE).exists()
     Manifest.load(out / "cache")  # the build had finished before the cluster started: still whole
 
-    rerun = start_demo(out, "--model", model, "--requests", "3")
+    rerun = start_demo(out, "--dataset", str(big_data), "--model", model, "--requests", "3")
     assert rerun.wait(timeout=300) == 0, demo_log(out)
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_the_build_then_a_rerun_completes(tiny_models, tmp_path):
+def test_ctrl_c_during_the_build_then_a_rerun_completes(tiny_models, big_data, tmp_path):
     out = tmp_path / "demo"
     model = str(tiny_models["llama"])
-    proc = start_demo(out, "--model", model, "--requests", "24")
+    proc = start_demo(out, "--dataset", str(big_data), "--model", model, "--requests", "300")
     try:
         deadline = time.monotonic() + 120
-        while not list((out / "cache").glob("node-*")):
+        while "building the block cache" not in demo_log(out):
             assert proc.poll() is None, demo_log(out)
             assert time.monotonic() < deadline, demo_log(out)
             time.sleep(0.02)
+        time.sleep(1.0)  # into the build: validation, embedding, placement, blocks
+        assert not (out / "cache" / "manifest.json").exists(), "the build ended before the interruption"
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     finally:
@@ -132,6 +145,8 @@ def test_ctrl_c_during_the_build_then_a_rerun_completes(tiny_models, tmp_path):
             proc.wait()
     assert code != 0
     assert not (out / STATE_FILE).exists()  # no cluster was started
-    rerun = start_demo(out, "--model", model, "--requests", "3")
+    with pytest.raises(FileNotFoundError):
+        Manifest.load(out / "cache")  # an interrupted build is never servable
+    rerun = start_demo(out, "--dataset", str(big_data), "--model", model, "--requests", "3")
     assert rerun.wait(timeout=300) == 0, demo_log(out)
     Manifest.load(out / "cache")
