@@ -45,11 +45,17 @@ def wait_gone(pids, timeout: float = 30.0) -> list[int]:
     return [p for p in pids if running(p)]
 
 
+def _default_sigint() -> None:  # in the child before exec: Ctrl-C as in a terminal
+    # A test run started in the background (CI, `cmd &`) inherits SIGINT ignored, and Python
+    # keeps an inherited ignore: the demo would never see the test's Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_demo(out: Path, *args: str) -> subprocess.Popen:
     log = open(out.parent / f"{out.name}.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rcllm.cli.main", "demo", "--out", str(out), *args],
-        cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_default_sigint,
     )
     log.close()
     return proc
