@@ -156,3 +156,25 @@ def test_ctrl_c_during_the_build_then_a_rerun_completes(tiny_models, big_data, t
     rerun = start_demo(out, "--dataset", str(big_data), "--model", model, "--requests", "3")
     assert rerun.wait(timeout=300) == 0, demo_log(out)
     Manifest.load(out / "cache")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_node_and_the_coordinator_cleanly(tiny_models, tmp_path):
+    """SIGINT (Ctrl-C) makes a node and the coordinator drain and exit 0; the cache stays servable."""
+    from rcllm.build.pipeline import BuildOptions, build_cache
+    from rcllm.data.loaders import bookshop_dir
+    from rcllm.serve.cluster import LocalCluster
+
+    cache = tmp_path / "cache"
+    folder = bookshop_dir()
+    build_cache(folder / "catalog.jsonl", BuildOptions(out=cache, nodes=2, model=str(tiny_models["llama"]),
+                                                        users=folder / "histories.jsonl"))
+    with LocalCluster(cache, tmp_path / "logs", nodes=2, env={"OMP_NUM_THREADS": "1"}) as cluster:
+        cluster.start()
+        pids = [p.pid for p in cluster.procs.values()]
+        for name in ("node0", "coordinator"):
+            cluster.signal(name, signal.SIGINT)
+            assert cluster.procs[name].wait(timeout=30) == 0, cluster.log_tail(name)
+        cluster.check_alive()  # node1 is unaffected
+    assert wait_gone(pids) == []
+    Manifest.load(cache)
