@@ -8,6 +8,7 @@ import random
 import pytest
 
 from rcllm.eval.metrics import (
+    headline_hit_rate,
     hit_rate,
     mrr,
     ndcg,
@@ -70,3 +71,11 @@ def test_random_ranking_is_a_seeded_permutation_with_chance_hit_rate():
 def test_popularity_ranking_orders_by_count_and_keeps_prompt_order_on_ties():
     counts = {"a": 5, "b": 50, "c": 5, "d": 0}
     assert popularity_ranking(["a", "b", "c", "d", "unseen"], counts) == [1, 0, 2, 3, 4]
+
+
+def test_headline_hit_rate_is_hr1_when_every_candidate_fits_in_the_top_10():
+    # with C <= 10 every ranking has HR@10 = 1, so plots and progress lines lead with HR@1
+    assert headline_hit_rate(8) == "hr@1"
+    assert headline_hit_rate(10) == "hr@1"
+    assert headline_hit_rate(11) == "hr@10"
+    assert summarize([0, 5, 9])["hr@10"] == 1.0

@@ -63,7 +63,9 @@ def finetune(
         candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
         val_users=val_users, lora_rank=lora_rank, amp=amp, data_dir=data_dir, resume=resume,
     )
-    k = "hr@10" if candidates > 10 else "hr@1"
+    from rcllm.eval.metrics import headline_hit_rate
+
+    k = headline_hit_rate(candidates)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
     try:

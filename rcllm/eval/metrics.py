@@ -7,6 +7,12 @@ import random
 from collections.abc import Mapping, Sequence
 
 
+def headline_hit_rate(candidates: int) -> str:
+    """The hit-rate key a plot or a progress line leads with: ``hr@10``, or ``hr@1`` when every
+    candidate fits in the top 10 (HR@10 is then 1 for any ranking and says nothing)."""
+    return "hr@10" if candidates > 10 else "hr@1"
+
+
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     """Kendall's tau-b between two score vectors (ties counted as neither)."""
     n = len(a)

@@ -41,7 +41,9 @@ def plot_training(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = "hr@10" if report["settings"]["candidates"] > 10 else "hr@1"
+    from rcllm.eval.metrics import headline_hit_rate
+
+    k = headline_hit_rate(report["settings"]["candidates"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     losses = report["losses"]
     left.plot(range(1, len(losses) + 1), losses, lw=0.8, color="tab:gray", alpha=0.6, label="per step")
