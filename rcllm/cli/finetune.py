@@ -14,6 +14,7 @@ err = Console(stderr=True)
 
 DATASET_HELP = "ml-1m | ml-100k | synthetic | a folder with catalog.jsonl and interactions.jsonl."
 from rcllm.cli import DATA_DIR_HELP
+from rcllm.eval.metrics import headline_hit_rate
 
 MODEL_HELP = "Model to start from: the embedded 'smollm2-135m', a local folder, or a Hugging Face id."
 
@@ -63,8 +64,6 @@ def finetune(
         candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
         val_users=val_users, lora_rank=lora_rank, amp=amp, data_dir=data_dir, resume=resume,
     )
-    from rcllm.eval.metrics import headline_hit_rate
-
     k = headline_hit_rate(candidates)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip

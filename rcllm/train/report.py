@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from rcllm.eval.metrics import headline_hit_rate
+
 
 def machine(device: torch.device) -> dict:
     import transformers
@@ -40,8 +42,6 @@ def plot_training(report: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from rcllm.eval.metrics import headline_hit_rate
 
     k = headline_hit_rate(report["settings"]["candidates"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
