@@ -184,6 +184,8 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, tiny_models, small_d
         (dict(candidates=27), "2 to 26"),
         (dict(method="qlora"), "unknown method"),
         (dict(block_aware="sometimes"), "block-aware"),
+        (dict(schedule="step"), "schedule"),
+        (dict(train_layers=3), "has 2 decoder layers"),
     ]:
         with pytest.raises(ValueError, match=message):
             train(_settings(tmp_path, tiny_models["llama"], **bad), dataset=small_data)
@@ -209,6 +211,37 @@ def test_saved_model_loads_and_ranks_with_report_and_plot(tmp_path, tiny_models,
     assert lm.fingerprint != load_model(tiny_models["llama"]).fingerprint  # the adapter was merged in
     ranker = Ranker(BlockEngine(lm), PromptBuilder(lm.tokenizer))
     assert sorted(ranker.rank(HISTORY, CANDIDATES).order) == list(range(len(CANDIDATES)))
+
+
+def test_learning_rate_warms_up_then_follows_its_schedule():
+    from rcllm.train.loop import lr_factor
+
+    steps = 200  # warm-up: 20 steps
+    for schedule in ("cosine", "linear", "constant"):
+        f = [lr_factor(s, steps, schedule) for s in range(steps)]
+        assert f[0] == pytest.approx(1 / 20) and f[19] == 1.0
+        assert all(a <= b for a, b in zip(f[:20], f[1:20]))
+        if schedule == "constant":
+            assert set(f[19:]) == {1.0}
+        else:
+            assert all(a > b for a, b in zip(f[20:], f[21:]))  # strictly decaying after the warm-up
+            assert 0 < f[-1] < 0.02 and f[20] > 0.98
+    assert lr_factor(110, steps, "linear") == pytest.approx(0.5, abs=0.01)
+    assert lr_factor(110, steps, "cosine") == pytest.approx(0.5, abs=0.02)
+    assert lr_factor(0, 1, "cosine") == 1.0  # a one-step run is all warm-up
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_train_layers_changes_only_the_top_layers(tmp_path, tiny_models, small_data, method):
+    settings = _settings(tmp_path, tiny_models["llama"], method=method, train_layers=1, block_aware="mix")
+    result = train(settings, dataset=small_data)
+    assert result.report["model"]["trainable_parameters"] < result.report["model"]["parameters"]
+    saved = load_model(result.out).model.state_dict()
+    original = load_model(tiny_models["llama"]).model.state_dict()
+    assert saved.keys() == original.keys()
+    changed = {k for k in saved if not torch.equal(saved[k], original[k])}
+    assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), sorted(changed)
+    assert any(k.startswith("model.layers.1.self_attn.") for k in changed)
 
 
 def test_zero_steps_only_evaluates_and_saves(tmp_path, tiny_models, small_data):

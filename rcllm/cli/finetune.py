@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -46,6 +47,14 @@ def finetune(
         help="bf16 autocast of the training forward (weights and optimizer stay fp32): auto (on for CUDA with bf16 "
         "and for CPUs with AVX512-BF16/AMX, where it is ~2x faster) | bf16 | off.",
     ),
+    schedule: str = typer.Option(
+        "cosine", help="Learning rate after a warm-up over the first tenth of the steps: cosine | linear (both decay "
+        "towards 0 at the last step) | constant."
+    ),
+    train_layers: int = typer.Option(
+        0, min=0, help="Train only the top N decoder layers (0: all). The backward pass stops at the first trained "
+        "layer, so on a CPU a small N makes each step several times cheaper.",
+    ),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run whose checkpoint is in OUT.ckpt."),
@@ -62,19 +71,32 @@ def finetune(
     settings = TrainSettings(
         out=out, dataset=dataset, model=model, method=method, steps=steps, batch=batch, lr=lr, history=history,
         candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
-        val_users=val_users, lora_rank=lora_rank, amp=amp, data_dir=data_dir, resume=resume,
+        val_users=val_users, lora_rank=lora_rank, amp=amp, schedule=schedule, train_layers=train_layers,
+        data_dir=data_dir, resume=resume,
     )
     k = headline_hit_rate(candidates)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
+    started = time.monotonic()
     try:
         with Progress(*columns, console=err) as progress:
             task = progress.add_task("fine-tuning", total=max(steps, 1), loss="-")
+            # a log file gets no live bar: a plain line every twentieth of the run stands in for it
+            every = 0 if err.is_terminal else max(1, steps // 20)
+            recent: list[float] = []
 
             def report(step: int, total: int, logs: dict) -> None:
                 if "loss" in logs:
                     progress.update(task, loss=f"{logs['loss']:.3f}")
+                    recent.append(logs["loss"])
                 progress.update(task, completed=step)
+                if every and recent and (step % every == 0 or step == total):
+                    elapsed = time.monotonic() - started
+                    progress.console.print(
+                        f"step {step}/{total}: mean loss {sum(recent) / len(recent):.3f} over the last "
+                        f"{len(recent)} steps, {elapsed / 60:.1f} min elapsed"
+                    )
+                    recent.clear()
                 if "val" in logs:
                     v = logs["val"]
                     progress.console.print(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 import time
@@ -44,11 +45,12 @@ from rcllm.train.validate import baselines, validate
 METHODS = ("lora", "full")
 BLOCK_AWARE = ("mix", "on", "off")
 AMP = ("auto", "bf16", "off")
+SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
 RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
-               "eval_every", "val_users", "lora_rank", "amp")  # fmt: skip
+               "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
 LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
 
@@ -73,6 +75,8 @@ class TrainSettings:
     val_users: int = 100
     lora_rank: int = 16
     amp: str = "auto"  # bf16 autocast of the training forward: auto | bf16 | off
+    schedule: str = "cosine"  # learning rate after the warm-up: cosine | linear (decay to 0) | constant
+    train_layers: int = 0  # train only the top N decoder layers (0: all)
     data_dir: Path | None = None
     resume: bool = False
 
@@ -84,6 +88,10 @@ class TrainSettings:
     def check(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown --schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.train_layers < 0:
+            raise ValueError("--train-layers must be >= 0 (0 trains every layer)")
         if self.amp not in AMP:
             raise ValueError(f"unknown --amp {self.amp!r}; expected one of {', '.join(AMP)}")
         if self.block_aware not in BLOCK_AWARE:
@@ -149,11 +157,32 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out} exists and is not the output of rcllm finetune; refusing to overwrite it")
 
 
+def _trained_layers(lm: LoadedModel, settings: TrainSettings) -> list[int]:
+    """Indices of the decoder layers that train: the top ``train_layers`` (all when 0)."""
+    n = len(lm.model.model.layers)
+    if settings.train_layers > n:
+        raise ValueError(f"--train-layers {settings.train_layers}: the model has {n} decoder layers")
+    return list(range(n - settings.train_layers if settings.train_layers else 0, n))
+
+
 def _prepare(lm: LoadedModel, settings: TrainSettings):
-    """Make the trainable parameters of ``lm.model`` (LoRA layers are injected into it in place)."""
+    """Make the trainable parameters of ``lm.model`` (LoRA layers are injected into it in place).
+
+    With ``train_layers`` N > 0 only the top N decoder layers train (all their weights, or their
+    LoRA adapters) and the final norm with them for full fine-tuning; the layers below are frozen,
+    so autograd records nothing there and the backward pass stops at the first trained layer,
+    which is most of the saving on a CPU. Embeddings (tied to the output head in small models)
+    stay frozen then."""
     model = lm.model
+    layers = _trained_layers(lm, settings)
     if settings.method == "full":
-        model.requires_grad_(True)
+        if settings.train_layers:
+            model.requires_grad_(False)
+            for i in layers:
+                model.model.layers[i].requires_grad_(True)
+            model.model.norm.requires_grad_(True)
+        else:
+            model.requires_grad_(True)
         peft_model = None
     else:
         try:
@@ -163,6 +192,7 @@ def _prepare(lm: LoadedModel, settings: TrainSettings):
         config = LoraConfig(
             r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
             target_modules=list(LORA_TARGETS), bias="none",
+            layers_to_transform=layers if settings.train_layers else None,
         )
         peft_model = get_peft_model(model, config)
     model.train()
@@ -172,9 +202,23 @@ def _prepare(lm: LoadedModel, settings: TrainSettings):
 def _optimizer(model: torch.nn.Module, settings: TrainSettings):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    warmup = max(1, min(20, settings.steps // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, settings.steps, settings.schedule)
+    )
     return optimizer, scheduler
+
+
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based) of ``steps``:
+    a linear warm-up over the first tenth (at most 20 steps), then constant or a cosine/linear
+    decay towards 0 (the last step still learns, at a small rate)."""
+    warmup = max(1, min(20, steps // 10))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    done = min(1.0, (step + 1 - warmup) / (steps - warmup + 1))
+    return 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def _restore(folder: Path, settings: TrainSettings, model, optimizer, scheduler) -> dict:
