@@ -59,7 +59,7 @@ def test_result_follows_the_json_contract(setup):
         assert set(s["hit_ratio"]) == {"user", "item"}
         assert ("fidelity" in s) == (name != "full")
         if name != "full":
-            assert set(s["fidelity"]) == {"top1_agree", "kendall_tau", "kl", "hr@10_delta"}
+            assert set(s["fidelity"]) == {"top1_agree", "kendall_tau", "kl", "hr@10_delta", "hr@1_delta"}
     assert set(result["baselines"]) == {"random", "popularity"}
     json.dumps(result)  # serialisable as is
 
@@ -68,7 +68,7 @@ def test_rcllm_full_and_prefix_reproduce_full_exactly(setup):
     result = setup[-1]
     for name in ("rcllm:full", "prefix"):
         f = result["systems"][name]["fidelity"]
-        assert f["top1_agree"] == 1.0 and f["kendall_tau"] == pytest.approx(1.0) and f["hr@10_delta"] == 0.0
+        assert f["top1_agree"] == 1.0 and f["kendall_tau"] == pytest.approx(1.0) and f["hr@10_delta"] == f["hr@1_delta"] == 0.0
         assert f["kl"] < 1e-6
 
 

@@ -44,13 +44,14 @@ def result_tables(result: dict) -> tuple[Table, Table]:
                 else ["-"] * 4
         latency.add_row(*row)
     quality = Table(title=f"quality and fidelity to full prefill (label-bias correction: {result['calibration']})")
-    for column in ("system", "HR@1", "HR@5", "HR@10", "NDCG@10", "MRR", "top-1 agree", "tau", "KL", "dHR@10"):
+    k = headline_hit_rate(result["candidates"])  # the change of HR@10 says nothing when C <= 10
+    for column in ("system", "HR@1", "HR@5", "HR@10", "NDCG@10", "MRR", "top-1 agree", "tau", "KL", f"d{k.upper()}"):
         quality.add_column(column, justify="left" if column == "system" else "right")
     for name, s in systems.items():
         f = s.get("fidelity")
         quality.add_row(
             name, f"{s['hr@1']:.3f}", f"{s['hr@5']:.3f}", f"{s['hr@10']:.3f}", f"{s['ndcg@10']:.3f}", f"{s['mrr']:.3f}",
-            *([f"{f['top1_agree']:.3f}", f"{f['kendall_tau']:.3f}", f"{f['kl']:.4f}", f"{f['hr@10_delta']:+.3f}"]
+            *([f"{f['top1_agree']:.3f}", f"{f['kendall_tau']:.3f}", f"{f['kl']:.4f}", f"{f[k + '_delta']:+.3f}"]
               if f else ["-"] * 4),
         )
     for name, b in result["baselines"].items():

@@ -46,12 +46,13 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
 
 def _fidelity(full: list[Ranking], other: list[Ranking], full_ranks: list[int], ranks: list[int]) -> dict[str, float]:
     n = len(full)
-    hr10 = lambda rs: sum(r < 10 for r in rs) / len(rs)  # noqa: E731
+    hr = lambda rs, k: sum(r < k for r in rs) / len(rs)  # noqa: E731
     return {
         "top1_agree": sum(a.order[0] == b.order[0] for a, b in zip(full, other)) / n,
         "kendall_tau": statistics.fmean(kendall_tau(a.scores, b.scores) for a, b in zip(full, other)),
         "kl": statistics.fmean(kl_divergence(a.scores, b.scores) for a, b in zip(full, other)),
-        "hr@10_delta": hr10(ranks) - hr10(full_ranks),
+        "hr@10_delta": hr(ranks, 10) - hr(full_ranks, 10),
+        "hr@1_delta": hr(ranks, 1) - hr(full_ranks, 1),
     }
 
 
