@@ -13,7 +13,7 @@ from rcllm.eval.metrics import (
     mrr,
     ndcg,
     popularity_ranking,
-    random_ranking,
+    random_expectation,
     rank_of,
     summarize,
 )
@@ -60,12 +60,24 @@ def test_summarize_averages_over_requests():
         summarize([])
 
 
-def test_random_ranking_is_a_seeded_permutation_with_chance_hit_rate():
-    assert sorted(random_ranking(20, random.Random(0))) == list(range(20))
-    assert random_ranking(20, random.Random(1)) == random_ranking(20, random.Random(1))
+def test_random_expectation_is_exact_and_matches_many_random_draws():
+    e = random_expectation([20])
+    assert e["hr@1"] == pytest.approx(1 / 20) and e["hr@5"] == pytest.approx(0.25) and e["hr@10"] == pytest.approx(0.5)
+    assert e["mrr"] == pytest.approx(sum(1 / r for r in range(1, 21)) / 20)
+    assert e["ndcg@10"] == pytest.approx(sum(1 / math.log2(r + 2) for r in range(10)) / 20)
+    mixed = random_expectation([8, 20])
+    assert mixed["hr@10"] == pytest.approx((1.0 + 0.5) / 2) and mixed["hr@1"] == pytest.approx((1 / 8 + 1 / 20) / 2)
     rng = random.Random(0)
-    ranks = [rank_of(random_ranking(20, rng), 0) for _ in range(4000)]
-    assert summarize(ranks)["hr@10"] == pytest.approx(0.5, abs=0.03)
+    draws = []
+    for _ in range(20000):
+        order = list(range(8))
+        rng.shuffle(order)
+        draws.append(rank_of(order, 0))
+    sampled = summarize(draws)
+    for key, value in random_expectation([8]).items():
+        assert sampled[key] == pytest.approx(value, abs=0.01), key
+    with pytest.raises(ValueError):
+        random_expectation([])
 
 
 def test_popularity_ranking_orders_by_count_and_keeps_prompt_order_on_ties():

@@ -122,7 +122,7 @@ def _print_result(report: dict, out: Path) -> None:
     for column in ("ranker", "hr@1", "hr@10", "ndcg@10", "mrr"):
         table.add_column(column, justify="right" if column != "ranker" else "left")
     rows = [("model, contextual", final["contextual"]), ("model, uncalibrated", final["none"]),
-            ("model, cached blocks (none)", final["reuse_none"]), ("random", report["baselines"]["random"]),
+            ("model, cached blocks (none)", final["reuse_none"]), ("random (expected)", report["baselines"]["random"]),
             ("popularity", report["baselines"]["popularity"])]  # fmt: skip
     for name, m in rows:
         table.add_row(name, *(f"{m[c]:.3f}" for c in ("hr@1", "hr@10", "ndcg@10", "mrr")))

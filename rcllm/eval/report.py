@@ -55,7 +55,7 @@ def result_tables(result: dict) -> tuple[Table, Table]:
               if f else ["-"] * 4),
         )
     for name, b in result["baselines"].items():
-        quality.add_row(f"[dim]{name} (no model)[/]", f"{b['hr@1']:.3f}", f"{b['hr@5']:.3f}", f"{b['hr@10']:.3f}",
+        quality.add_row(f"[dim]{name} ({'expected' if name == 'random' else 'no model'})[/]", f"{b['hr@1']:.3f}", f"{b['hr@5']:.3f}", f"{b['hr@10']:.3f}",
                         f"{b['ndcg@10']:.3f}", f"{b['mrr']:.3f}", "", "", "", "")
     return latency, quality
 

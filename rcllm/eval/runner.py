@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from rcllm.data.dataset import Dataset
 from rcllm.data.sampling import RankingRequest, sample_requests
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import BlockSource, Ranker, Ranking
-from rcllm.eval.metrics import kendall_tau, kl_divergence, popularity_ranking, random_ranking, rank_of, summarize
+from rcllm.eval.metrics import kendall_tau, kl_divergence, popularity_ranking, random_expectation, rank_of, summarize
 from rcllm.eval.systems import FullSystem, PrefixSystem, RcllmSystem, parse_systems
 
 
@@ -165,9 +164,7 @@ def assemble_result(
             )
         out_systems[name] = summary
 
-    rng = random.Random(settings.seed)
     popularity = dataset.popularity(exclude_last=1)
-    random_ranks = [rank_of(random_ranking(len(r.candidates), rng), p) for r, p in zip(requests, positives)]
     pop_ranks = [rank_of(popularity_ranking(r.candidates, popularity), p) for r, p in zip(requests, positives)]
     return {
         "dataset": dataset.name,
@@ -179,7 +176,10 @@ def assemble_result(
         "seed": settings.seed,
         "calibration": calibration,
         "systems": out_systems,
-        "baselines": {"random": summarize(random_ranks), "popularity": summarize(pop_ranks)},
+        "baselines": {
+            "random": random_expectation([len(r.candidates) for r in requests]),
+            "popularity": summarize(pop_ranks),
+        },
     }
 
 

@@ -283,7 +283,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     if settings.resume:
         state = _restore(ckpt_dir, settings, model, optimizer, scheduler)
     state["settings"] = settings.to_json()
-    base = baselines(stream.validation, stream.popularity, settings.seed)
+    base = baselines(stream.validation, stream.popularity)
 
     def evaluate(logs: dict) -> None:
         started = time.perf_counter()

@@ -7,14 +7,13 @@ training is meant to make faithful.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 
 from rcllm.engine.forward import BlockEngine
 from rcllm.engine.models import LoadedModel
 from rcllm.engine.prompt import PromptBuilder
 from rcllm.engine.ranker import CALIBRATIONS, MemoryBlockCache, Ranker
-from rcllm.eval.metrics import popularity_ranking, random_ranking, rank_of, summarize
+from rcllm.eval.metrics import popularity_ranking, random_expectation, rank_of, summarize
 from rcllm.train.examples import Example, PromptEncoder
 
 
@@ -50,11 +49,11 @@ def validate(lm: LoadedModel, builder: PromptBuilder, encoder: PromptEncoder, re
     return result
 
 
-def baselines(requests: Sequence[Example], popularity: Mapping[str, int], seed: int) -> dict:
-    """Random and popularity rankings of the validation requests (popularity from training counts)."""
-    rng = random.Random(f"{seed}:baseline")
+def baselines(requests: Sequence[Example], popularity: Mapping[str, int]) -> dict:
+    """The expected score of a random ranking, and the popularity ranking (from training counts),
+    on the validation requests."""
     return {
-        "random": summarize([rank_of(random_ranking(len(r.candidates), rng), r.positive) for r in requests]),
+        "random": random_expectation([len(r.candidates) for r in requests]),
         "popularity": summarize([rank_of(popularity_ranking(r.candidates, popularity), r.positive) for r in requests]),
     }
 
