@@ -351,6 +351,31 @@ def test_policies_are_ordered_in_recomputation_and_full_is_exact(tiny):
     assert all(torch.isfinite(r.logits).all() for r in results.values())
 
 
+def test_a_batch_of_prompts_gives_each_prompt_its_own_forward(tiny):
+    """forward_batch: ragged prompts with different policies (deviation narrowing its own rows
+    mid-stack) and different lengths give what each prompt gives alone."""
+    lm, engine = tiny
+    cached = moved_prompt(lm, engine, seed=21)
+    plain = uncached(moved_prompt(lm, engine, seed=22))[:-2]  # a shorter prompt, all fresh
+    batch = [(cached, "none"), (cached, "deviation:0.5"), (plain, "full"), (cached, "boundary:2"), (cached, "full")]
+    together = engine.forward_batch(batch)
+    assert len(together) == len(batch)
+    for (segments, policy), got in zip(batch, together):
+        alone = engine.forward(segments, policy)
+        assert max_diff(got.logits, alone.logits) <= LOGIT_TOL, policy
+        assert (got.n_tokens, got.recomputed_tokens) == (alone.n_tokens, alone.recomputed_tokens)
+        assert got.recomputed_fraction == pytest.approx(alone.recomputed_fraction)
+    assert max_diff(together[4].logits, stock_logits(lm, cat_ids(cached))) <= LOGIT_TOL
+    assert engine.forward_batch([]) == []
+
+
+def test_a_bad_prompt_fails_its_batch_before_any_work(tiny):
+    lm, engine = tiny
+    good = moved_prompt(lm, engine, seed=23)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.forward_batch([(good, "none"), ([Segment.fresh([])], "full")])
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 

@@ -103,3 +103,17 @@ def test_eval_command_writes_json_and_plot(tiny_models, tmp_path):
     assert data["dataset"] == "synthetic" and data["n_requests"] == 3
     assert plot.stat().st_size > 1000
     assert "rcllm:boundary:1" in result.output
+
+
+def test_prefix_system_counts_the_items_a_reused_prefix_covers(setup):
+    from rcllm.eval.systems import PrefixSystem
+
+    ranker, data, settings, requests, *_ = setup
+    system = PrefixSystem(ranker, budget_bytes=1 << 30)
+    history, candidates = ["Some film (1990); Drama"] * 3, [f"Film {i}; Comedy" for i in range(5)]
+    first = system.rank(history, candidates)
+    assert (first.user_hit, first.item_hits, first.item_misses) == (False, 0, 5)
+    again = system.rank(history, candidates)  # the whole prompt is a cached prefix now
+    assert (again.user_hit, again.item_hits, again.item_misses) == (True, 5, 0)
+    other = system.rank(history, candidates[::-1])  # same history, items in another order
+    assert other.user_hit and other.item_hits < 5

@@ -606,6 +606,56 @@ def test_a_node_fetches_blocks_it_lacks_from_their_peer_and_recomputes_those_of_
     assert state["costs"]["rtt_ms"] != 1.0  # measured on the fetches
 
 
+def test_requests_that_queue_while_the_engine_is_busy_run_as_one_batch(cache, stream):
+    """The node's engine thread: six ranking requests wait behind a blocking call, then run as
+    one batched forward and each gets the in-process engine's answer; a request the engine
+    refuses fails alone; replication-style calls run alone, in order."""
+    import threading
+
+    from rcllm.serve.batcher import EngineBatcher
+
+    runner = NodeRunner.open(cache, 1, hot_bytes=1 << 20)
+    batcher = EngineBatcher(runner, max_batch=8)
+    try:
+        gate = threading.Event()
+        blocker = batcher.call(gate.wait, 30)
+        picked = [(req, want) for req, want in stream if req.max_new_tokens == 0][:6]
+        jobs = [runner.prepare(req) for req, _ in picked]
+        bad = dataclasses.replace(runner.prepare(picked[0][0]), policy="sideways")
+        futures = [batcher.rank(job, {}, 0.0) for job in jobs[:3]] + [batcher.rank(bad, {}, 0.0)]
+        futures += [batcher.rank(job, {}, 0.0) for job in jobs[3:]]
+        after = batcher.call(lambda: "ran after the batch")
+        gate.set()
+        assert blocker.result(timeout=30) is True
+        for k, ((req, want), future) in enumerate(zip(picked, futures[:3] + futures[4:])):
+            assert_same_ranking(future.result(timeout=120), want, f"batched request {k}")
+        with pytest.raises(ValueError, match="sideways"):
+            futures[3].result(timeout=5)
+        assert after.result(timeout=30) == "ran after the batch"
+        assert (batcher.batches, batcher.batched_requests, batcher.mean_batch) == (1, 7, 7.0)
+    finally:
+        batcher.shutdown()
+        runner.close()
+
+
+def test_max_batch_one_runs_requests_one_at_a_time(cache, stream):
+    from rcllm.serve.batcher import EngineBatcher
+
+    runner = NodeRunner.open(cache, 0, hot_bytes=1 << 20)
+    batcher = EngineBatcher(runner, max_batch=1)
+    try:
+        picked = [(req, want) for req, want in stream if req.max_new_tokens == 0][:3]
+        futures = [batcher.rank(runner.prepare(req), {}, 0.0) for req, _ in picked]
+        for (req, want), future in zip(picked, futures):
+            assert_same_ranking(future.result(timeout=120), want, "one at a time")
+        assert (batcher.batches, batcher.batched_requests) == (3, 3)
+    finally:
+        batcher.shutdown()
+        runner.close()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        batcher.rank(runner.prepare(picked[0][0]), {}, 0.0)
+
+
 @pytest.mark.slow
 def test_sigterm_lets_a_node_finish_its_in_flight_requests(cluster, stream):
     """Last test of the module: node 2 shuts down for good."""

@@ -33,6 +33,10 @@ def serve(
     policy: str = typer.Option("boundary:2", help="Default correction policy: none | boundary:K | deviation:R | full."),
     hot_mb: float = typer.Option(256.0, help="Memory budget of the hot block tier, MiB."),
     max_queue: int = typer.Option(64, min=1, help="Requests waiting for the engine before the node answers 503."),
+    max_batch: int = typer.Option(
+        8, min=1, help="Ranking requests that queued while the engine was busy run as one batched forward, up to "
+        "this many (1: one at a time)."
+    ),
     peers: Optional[str] = typer.Option(
         None, help="Every node's address host:port,... in node order, for block fetches (default: the manifest's)."
     ),
@@ -71,7 +75,8 @@ def serve(
         urls = {k: f"http://{a}" for k, a in enumerate(addresses)}
     else:
         urls = {n["node"]: f"http://{n['host']}:{n['port']}" for n in manifest.nodes}
-    server = NodeServer(runner, {k: u for k, u in urls.items() if k != node}, token=token, max_queue=max_queue)
+    server = NodeServer(runner, {k: u for k, u in urls.items() if k != node}, token=token, max_queue=max_queue,
+                        max_batch=max_batch)
     listen = manifest.nodes[node]["port"] if port is None else port
     asyncio.run(serve_until_signalled(server.app(), host, listen, role="node", node=node))
 

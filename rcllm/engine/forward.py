@@ -37,6 +37,23 @@ class ForwardResult:
     values: torch.Tensor | None = None
 
 
+@dataclass
+class _Prompt:
+    """One prompt on its way through the layers: its assembled context and the positions it
+    recomputes (``idx`` narrows after a deviation check layer). For a decoding step ``ids`` is
+    the new token and ``idx`` its position."""
+
+    ids: torch.Tensor  # token ids on the device (the whole prompt)
+    policy: Policy | None
+    fresh: torch.Tensor | None  # per token: no cached KV to reuse
+    exact: torch.Tensor | None  # per token: its cached KV equals a plain prefill's
+    ctx_k: torch.Tensor  # [layers, kv_heads, length (+ generated), head_dim]
+    ctx_v: torch.Tensor
+    length: int
+    idx: torch.Tensor  # positions recomputed in the current layer
+    check_layer: int  # deviation: the layer whose K/V drift selects what the rest recompute
+
+
 class BlockEngine:
     """Runs prompts made of fresh and cached segments on one loaded model."""
 
@@ -96,66 +113,12 @@ class BlockEngine:
     ) -> ForwardResult:
         """Next-token logits of the prompt (and an optional greedy continuation)."""
         started = time.perf_counter()
-        policy = parse_policy(policy)
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        for i, seg in enumerate(segments):
-            if seg.kv is not None:
-                self._check_block(seg.kv, seg.name or f"#{i}")
-        length = sum(s.n_tokens for s in segments)
-        if length == 0:
-            raise ValueError("empty prompt: at least one token is needed")
-        self._check_length(length + max_new_tokens)
-
-        ids_cpu = torch.cat([s.token_ids for s in segments])
-        ids = ids_cpu.to(self.device)
-        fresh = torch.cat([torch.full((s.n_tokens,), s.kv is None or policy.kind == "full") for s in segments])
-        exact = torch.cat([torch.full((s.n_tokens,), is_exact) for s, is_exact in zip(segments, self._exact(segments, ids_cpu))])
-        offset = torch.cat([torch.arange(s.n_tokens) for s in segments])
-
-        shape = (self.n_layers, self.n_kv_heads, length + max_new_tokens, self.head_dim)
-        # Uninitialised on purpose: every entry is written (placed from a block, or scattered by
-        # the layer that recomputes it) before any query can read it.
-        ctx_k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        ctx_v = torch.empty(shape, dtype=self.dtype, device=self.device)
-        if policy.kind != "full":
-            starts, placed = [], []
-            start = 0
-            for seg in segments:
-                if seg.kv is not None:
-                    placed.append(seg.kv)
-                    starts.append(start)
-                start += seg.n_tokens
-            kernels.place_blocks(
-                ctx_k, ctx_v, [b.keys for b in placed], [b.values for b in placed], starts,
-                [s - b.base_pos for s, b in zip(starts, placed)], self.inv_freq,
-            )
-
-        selected = base_selection(policy, fresh, offset, exact)
-        selected[-1] = True  # the last token's hidden state gives the logits
-        check_layer = max(0, min(policy.check_layer, self.n_layers - 2)) if policy.kind == "deviation" else -1
-        idx = selected.nonzero().flatten().to(self.device)
-        h = self.embed(ids[idx]).unsqueeze(0)
-        token_layers = 0
-        for layer_no, layer in enumerate(self.layers):
-            deviation = layer_no == check_layer
-            h, dev = self._layer(layer, h, idx, ctx_k[layer_no], ctx_v[layer_no], length, deviation)
-            token_layers += idx.numel()
-            if deviation:
-                narrowed = deviation_selection(policy, fresh, dev.cpu(), exact)
-                narrowed[-1] = True
-                keep = narrowed[idx.cpu()].to(self.device)
-                idx, h = idx[keep], h[:, keep]
-
-        logits = self._logits(h[:, -1])
-        result = ForwardResult(
-            logits=logits,
-            n_tokens=length,
-            recomputed_tokens=round(token_layers / self.n_layers),
-            recomputed_fraction=token_layers / (length * self.n_layers),
-            prefill_ms=(time.perf_counter() - started) * 1000.0,
-        )
-        pos = length
+        prompt = self._prepare(segments, parse_policy(policy), max_new_tokens)
+        (result,) = self._run([prompt], started)
+        ctx_k, ctx_v, length = prompt.ctx_k, prompt.ctx_v, prompt.length
+        logits, pos = result.logits, length
         for _ in range(max_new_tokens):
             token = int(logits.argmax())
             result.generated.append(token)
@@ -166,6 +129,108 @@ class BlockEngine:
         if return_kv:
             result.keys, result.values = ctx_k[:, :, :length], ctx_v[:, :, :length]
         return result
+
+    @torch.inference_mode()
+    def forward_batch(self, prompts: Sequence[tuple[Sequence[Segment], str | Policy]]) -> list[ForwardResult]:
+        """Next-token logits of several prompts (segments, policy) in one pass.
+
+        The tokens every prompt recomputes go through the projections and MLPs together, as one
+        ragged batch (the weights are read once per layer for all of them); attention stays per
+        prompt, over that prompt's own assembled context. Each result equals what ``forward``
+        gives for its prompt alone, up to float summation order; ``prefill_ms`` is the wall time
+        of the whole batch, which is what each of its requests waited.
+        """
+        started = time.perf_counter()
+        if not prompts:
+            return []
+        prepared = [self._prepare(segments, parse_policy(policy), 0) for segments, policy in prompts]
+        return self._run(prepared, started)
+
+    def _prepare(self, segments: Sequence[Segment], policy: Policy, max_new_tokens: int) -> "_Prompt":
+        """Check one prompt, place its cached blocks in a fresh context and select its tokens."""
+        for i, seg in enumerate(segments):
+            if seg.kv is not None:
+                self._check_block(seg.kv, seg.name or f"#{i}")
+        length = sum(s.n_tokens for s in segments)
+        if length == 0:
+            raise ValueError("empty prompt: at least one token is needed")
+        self._check_length(length + max_new_tokens)
+
+        shape = (self.n_layers, self.n_kv_heads, length + max_new_tokens, self.head_dim)
+        # Uninitialised on purpose: every entry is written (placed from a block, or scattered by
+        # the layer that recomputes it) before any query can read it.
+        ctx_k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        ctx_v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if policy.kind != "full":
+            self.place(segments, ctx_k, ctx_v)
+        ids_cpu, fresh, exact, idx = self.select(segments, policy)
+        check_layer = max(0, min(policy.check_layer, self.n_layers - 2)) if policy.kind == "deviation" else -1
+        return _Prompt(ids_cpu.to(self.device), policy, fresh, exact, ctx_k, ctx_v, length, idx.to(self.device), check_layer)
+
+    def select(self, segments: Sequence[Segment], policy: Policy):
+        """The prompt's token ids and, per token, whether it has no cached KV (fresh) and whether
+        its cached KV is a plain prefill's (exact), and the positions the policy recomputes
+        first (the last token always: its hidden state gives the logits); all on the CPU."""
+        ids = torch.cat([s.token_ids for s in segments])
+        fresh = torch.cat([torch.full((s.n_tokens,), s.kv is None or policy.kind == "full") for s in segments])
+        exact = torch.cat([torch.full((s.n_tokens,), e) for s, e in zip(segments, self._exact(segments, ids))])
+        offset = torch.cat([torch.arange(s.n_tokens) for s in segments])
+        selected = base_selection(policy, fresh, offset, exact)
+        selected[-1] = True
+        return ids, fresh, exact, selected.nonzero().flatten()
+
+    def place(self, segments: Sequence[Segment], ctx_k: torch.Tensor, ctx_v: torch.Tensor) -> None:
+        """Copy every cached segment's KV into the context at its position (keys re-rotated)."""
+        starts, placed, start = [], [], 0
+        for seg in segments:
+            if seg.kv is not None:
+                placed.append(seg.kv)
+                starts.append(start)
+            start += seg.n_tokens
+        kernels.place_blocks(
+            ctx_k, ctx_v, [b.keys for b in placed], [b.values for b in placed], starts,
+            [s - b.base_pos for s, b in zip(starts, placed)], self.inv_freq,
+        )
+
+    def _run(self, prompts: list["_Prompt"], started: float) -> list[ForwardResult]:
+        """The layers over every prompt's selected tokens, as one ragged batch."""
+        h = self.embed(torch.cat([p.ids[p.idx] for p in prompts])).unsqueeze(0)
+        token_layers = [0] * len(prompts)
+        for layer_no, layer in enumerate(self.layers):
+            h, devs = self._layer(layer, h, prompts, layer_no)
+            for i, p in enumerate(prompts):
+                token_layers[i] += p.idx.numel()
+            if any(d is not None for d in devs):
+                h = self._narrow(h, prompts, devs)
+        ends = torch.tensor([p.idx.numel() for p in prompts], device=h.device).cumsum(0) - 1
+        logits = self._logits(h[0, ends])
+        elapsed = (time.perf_counter() - started) * 1000.0
+        return [
+            ForwardResult(
+                logits=logits[i],
+                n_tokens=p.length,
+                recomputed_tokens=round(token_layers[i] / self.n_layers),
+                recomputed_fraction=token_layers[i] / (p.length * self.n_layers),
+                prefill_ms=elapsed,
+            )
+            for i, p in enumerate(prompts)
+        ]
+
+    @staticmethod
+    def _narrow(h: torch.Tensor, prompts: list["_Prompt"], devs: list) -> torch.Tensor:
+        """After a deviation check layer: keep, per checked prompt, the tokens the policy keeps."""
+        parts, first = [], 0
+        for p, dev in zip(prompts, devs):
+            m = p.idx.numel()
+            part = h[:, first : first + m]
+            first += m
+            if dev is not None:
+                narrowed = deviation_selection(p.policy, p.fresh, dev.cpu(), p.exact)
+                narrowed[-1] = True
+                keep = narrowed[p.idx.cpu()].to(h.device)
+                p.idx, part = p.idx[keep], part[:, keep]
+            parts.append(part)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     @staticmethod
     def _exact(segments: Sequence[Segment], ids: torch.Tensor) -> list[bool]:
@@ -180,42 +245,53 @@ class BlockEngine:
             start += seg.n_tokens
         return flags
 
-    def _layer(self, layer, h, idx, ck, cv, length, deviation: bool):
-        """One decoder layer for the tokens at positions ``idx``; returns (h, deviation or None)."""
+    def _layer(self, layer, h, prompts: list["_Prompt"], layer_no: int):
+        """One decoder layer for every prompt's selected tokens (``h``: [1, sum of their counts,
+        hidden]); returns (h, per prompt: its deviations when this is its check layer, else None)."""
         attn = layer.self_attn
-        m = idx.numel()
+        m = h.shape[1]
         x = layer.input_layernorm(h)
         q = attn.q_proj(x).view(m, -1, self.head_dim)
         k = attn.k_proj(x).view(m, -1, self.head_dim)
         v = attn.v_proj(x).view(m, -1, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
+        idx = torch.cat([p.idx for p in prompts]) if len(prompts) > 1 else prompts[0].idx
         q = kernels.apply_rope(q.transpose(0, 1), idx, self.inv_freq)
         k = kernels.apply_rope(k.transpose(0, 1), idx, self.inv_freq)
         v = v.transpose(0, 1)
-        dev = None
-        if deviation:
-            # How far each token's recomputed K/V moved from its cached entry (fresh tokens'
-            # entries are uninitialised; the selection ignores them).
-            dev = (k - ck[:, idx]).float().pow(2).sum((0, 2)) + (v - cv[:, idx]).float().pow(2).sum((0, 2))
-            full_dev = torch.zeros(length, device=h.device)
-            full_dev[idx] = dev
-            dev = full_dev
-        kernels.scatter_kv(ck, cv, k, v, idx)
-        o = kernels.selective_attention(q, ck[:, :length], cv[:, :length], idx, attn.scaling)
+        outs, devs, first = [], [], 0
+        for p in prompts:
+            n = p.idx.numel()
+            pk, pv, pq = k[:, first : first + n], v[:, first : first + n], q[:, first : first + n]
+            first += n
+            ck, cv = p.ctx_k[layer_no], p.ctx_v[layer_no]
+            dev = None
+            if layer_no == p.check_layer:
+                # How far each token's recomputed K/V moved from its cached entry (fresh tokens'
+                # entries are uninitialised; the selection ignores them).
+                moved = (pk - ck[:, p.idx]).float().pow(2).sum((0, 2)) + (pv - cv[:, p.idx]).float().pow(2).sum((0, 2))
+                dev = torch.zeros(p.length, device=h.device)
+                dev[p.idx] = moved
+            devs.append(dev)
+            kernels.scatter_kv(ck, cv, pk, pv, p.idx)
+            outs.append(kernels.selective_attention(pq, ck[:, : p.length], cv[:, : p.length], p.idx, attn.scaling))
+        o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         h = h + attn.o_proj(o.transpose(0, 1).reshape(1, m, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h, dev
+        return h, devs
 
     def _decode(self, token: int, pos: int, ctx_k, ctx_v) -> torch.Tensor:
         idx = torch.tensor([pos], device=self.device)
-        h = self.embed(idx.new_tensor([token])).unsqueeze(0)
+        step = _Prompt(idx.new_tensor([token]), None, None, None, ctx_k, ctx_v, pos + 1, idx, -1)
+        h = self.embed(step.ids).unsqueeze(0)
         for layer_no, layer in enumerate(self.layers):
-            h, _ = self._layer(layer, h, idx, ctx_k[layer_no], ctx_v[layer_no], pos + 1, False)
-        return self._logits(h[:, -1])
+            h, _ = self._layer(layer, h, [step], layer_no)
+        return self._logits(h[0, -1:])[0]
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h_last)).float().flatten().cpu()
+        """Float32 logits [n, vocab] on the CPU of hidden states [n, hidden]."""
+        return self.lm_head(self.norm(h_last)).float().cpu()
 
     # -- block KV for the cache -------------------------------------------------------------
 

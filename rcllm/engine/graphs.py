@@ -24,10 +24,9 @@ from collections.abc import Sequence
 
 import torch
 
-from rcllm import kernels
 from rcllm.engine.blocks import Segment
-from rcllm.engine.forward import BlockEngine, ForwardResult
-from rcllm.engine.policy import Policy, base_selection, parse_policy
+from rcllm.engine.forward import BlockEngine, ForwardResult, _Prompt
+from rcllm.engine.policy import Policy, parse_policy
 
 
 class StaticRecompute:
@@ -67,27 +66,10 @@ class StaticRecompute:
             raise ValueError(f"prompt of {length} tokens exceeds this pass's {self.max_length}-token buffers")
         engine._check_length(length)
 
-        # the same selection as BlockEngine.forward
-        ids = torch.cat([s.token_ids for s in segments])
-        fresh = torch.cat([torch.full((s.n_tokens,), s.kv is None or policy.kind == "full") for s in segments])
-        exact = torch.cat([torch.full((s.n_tokens,), e) for s, e in zip(segments, engine._exact(segments, ids))])
-        offset = torch.cat([torch.arange(s.n_tokens) for s in segments])
-        selected = base_selection(policy, fresh, offset, exact)
-        selected[-1] = True
-        idx = selected.nonzero().flatten()
+        ids, _, _, idx = engine.select(segments, policy)  # the selection of BlockEngine.forward
         m = idx.numel()
-
         if policy.kind != "full":
-            starts, placed, start = [], [], 0
-            for seg in segments:
-                if seg.kv is not None:
-                    placed.append(seg.kv)
-                    starts.append(start)
-                start += seg.n_tokens
-            kernels.place_blocks(
-                self.ctx_k, self.ctx_v, [b.keys for b in placed], [b.values for b in placed], starts,
-                [s - b.base_pos for s, b in zip(starts, placed)], engine.inv_freq,
-            )
+            engine.place(segments, self.ctx_k, self.ctx_v)
 
         rows = -(-m // self.bucket) * self.bucket
         graph, ids_buf, idx_buf, last_buf, logits = self._graph(rows)
@@ -110,9 +92,10 @@ class StaticRecompute:
         """The layer loop on static tensors: the body of the graph."""
         engine = self.engine
         h = engine.embed(ids).unsqueeze(0)
-        width = self.ctx_k.shape[-2]
+        # one prompt over the whole static context; the padding rows write only the scratch slot
+        prompt = _Prompt(ids, None, None, None, self.ctx_k, self.ctx_v, self.ctx_k.shape[-2], idx, -1)
         for layer_no, layer in enumerate(engine.layers):
-            h, _ = engine._layer(layer, h, idx, self.ctx_k[layer_no], self.ctx_v[layer_no], width, False)
+            h, _ = engine._layer(layer, h, [prompt], layer_no)
         return engine.lm_head(engine.norm(h[0].index_select(0, last))).float()
 
     def _graph(self, rows: int) -> tuple:

@@ -179,6 +179,57 @@ class Ranker:
             return self._rank_one(history, candidates, policy, cache, max_new_tokens)
         return self._tournament(history, candidates, policy, cache, max_new_tokens)
 
+    def rank_many(self, requests: Sequence[tuple], max_new_tokens: int = 0) -> list[Ranking | Exception]:
+        """Rank several requests ``(history, candidates, policy, cache)`` with their forwards run
+        as one batch (:meth:`BlockEngine.forward_batch`); the result of a request whose input the
+        engine refuses is its ValueError, and the others still get their rankings.
+
+        Requests that need a tournament (more candidates than labels) or a generated reply
+        (``max_new_tokens``) run one at a time. Each batched ranking's ``ttft_ms`` is its prompt
+        assembly plus the batch's forward: the time it waited for its first token.
+        """
+        out: list[Ranking | Exception | None] = [None] * len(requests)
+        batch, shapes = [], []
+        for i, (history, candidates, policy, cache) in enumerate(requests):
+            try:
+                policy = parse_policy(policy)
+                n = len(candidates)
+                if max_new_tokens or n > self.builder.max_candidates:
+                    out[i] = self.rank(history, candidates, policy, cache, max_new_tokens)
+                    continue
+                if self.calibration == "contextual" and n:
+                    self.label_prior(n)
+                start = time.perf_counter()
+                segs, stats = self.segments(history, candidates, cache)
+                batch.append((segs, policy))
+                shapes.append((i, n, str(policy), (time.perf_counter() - start) * 1000.0, stats))
+            except ValueError as e:
+                out[i] = e
+        results = self._forward_each(batch)
+        for (i, n, policy, assembled_ms, stats), result in zip(shapes, results):
+            out[i] = result if isinstance(result, Exception) else self.make_ranking(
+                result, n, policy, assembled_ms + result.prefill_ms, **stats
+            )
+        return out
+
+    def _forward_each(self, batch: list) -> list[ForwardResult | Exception]:
+        """The batch's forwards together; if the engine refuses one prompt, each alone, so that
+        only the refused prompts fail."""
+        if not batch:
+            return []
+        try:
+            return self.engine.forward_batch(batch)
+        except ValueError as e:
+            if len(batch) == 1:
+                return [e]
+        results: list[ForwardResult | Exception] = []
+        for segs, policy in batch:
+            try:
+                results.append(self.engine.forward(segs, policy))
+            except ValueError as e:
+                results.append(e)
+        return results
+
     def _rank_one(self, history, candidates, policy: Policy, cache, max_new_tokens) -> Ranking:
         n = len(candidates)
         if self.calibration == "contextual":

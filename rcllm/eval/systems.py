@@ -77,5 +77,6 @@ class PrefixSystem:
         item_hits = sum(end <= hit.tokens for end in ends.get("item", []))
         return ranker.make_ranking(
             result, n, "prefix", ttft_ms,
-            user_hit=hit.tokens > ends["system"][0],  # the reused prefix reaches into the history item_hits=item_hits, item_misses=n - item_hits,
+            user_hit=hit.tokens > ends["system"][0],  # the reused prefix reaches into the history
+            item_hits=item_hits, item_misses=n - item_hits,
         )

@@ -15,8 +15,9 @@ Endpoints:
   the last poll (for the coordinator). ``GET /health``, ``GET /metrics`` (Prometheus text).
 
 The engine runs on ONE thread (torch modules and the hot tier are not safe to share between
-concurrent forwards); requests wait for it in the executor's queue, bounded by ``max_queue``:
-beyond it the node answers 503 with Retry-After. With a token, every endpoint but /health wants
+concurrent forwards); requests wait for it in its queue, bounded by ``max_queue``: beyond it the
+node answers 503 with Retry-After. When the thread frees up, the ranking requests that queued
+meanwhile run as one batched forward (at most ``max_batch``; :mod:`rcllm.serve.batcher`). With a token, every endpoint but /health wants
 ``Authorization: Bearer <token>``.
 """
 
@@ -28,12 +29,12 @@ import logging
 import math
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 from aiohttp import web
 
 from rcllm.engine.blocks import BlockKV
+from rcllm.serve.batcher import EngineBatcher
 from rcllm.serve.http import bearer, event, json_error, make_middlewares
 from rcllm.serve.metrics import Registry
 from rcllm.serve.replication import REPLICA_SHARE
@@ -50,7 +51,7 @@ _KEY = re.compile(r"[0-9a-f]{8,128}")
 class NodeServer:
     def __init__(
         self, runner: NodeRunner, peers: dict[int, str], token: str | None = None, max_queue: int = 64,
-        fetch_timeout_s: float = FETCH_TIMEOUT_S,
+        fetch_timeout_s: float = FETCH_TIMEOUT_S, max_batch: int = 8,
     ):
         self.runner = runner
         self.node = runner.node
@@ -58,7 +59,7 @@ class NodeServer:
         self.token = token
         self.max_queue = max_queue
         self.fetch_timeout = aiohttp.ClientTimeout(total=fetch_timeout_s)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.node}")
+        self.engine = EngineBatcher(runner, max_batch, name=f"engine-{self.node}")
         self.pending = 0  # admitted requests not answered yet (waiting for, or on, the engine)
         self.session: aiohttp.ClientSession | None = None
         self.peer_down_until: dict[int, float] = {}
@@ -81,6 +82,7 @@ class NodeServer:
             return {(): lookups.get("hit", 0) / total} if total else {}
 
         m.gauge("rcllm_queue_depth", "Requests waiting for or on the engine", read=lambda: {(): self.pending})
+        m.gauge("rcllm_batch_mean", "Mean ranking requests per engine forward", read=lambda: {(): self.engine.mean_batch})
         m.gauge("rcllm_service_ms", "Moving average of a request's engine time", read=lambda: {(): runner.service_ms})
         self.ttft = m.histogram("rcllm_ttft_ms", "Time to first token (ranking latency) of answered requests")
         m.counter("rcllm_item_block_lookups_total", "Item block lookups by the tier that served them",
@@ -113,7 +115,7 @@ class NodeServer:
 
     async def _stop(self, app) -> None:  # after in-flight requests finished
         await self.session.close()
-        self.executor.shutdown(wait=True)
+        self.engine.shutdown()
         self.runner.close()
 
     # -- ranking ----------------------------------------------------------------------------
@@ -132,9 +134,8 @@ class NodeServer:
             started = time.perf_counter()
             fetched = await self._fetch_lacking(job)
             fetch_ms = (time.perf_counter() - started) * 1000.0
-            loop = asyncio.get_running_loop()
             try:
-                response = await loop.run_in_executor(self.executor, self.runner.run, job, fetched, fetch_ms)
+                response = await asyncio.wrap_future(self.engine.rank(job, fetched, fetch_ms))
             except RequestError:
                 raise
             except ValueError as e:  # the engine refusing this input (e.g. longer than the model's window)
@@ -223,7 +224,7 @@ class NodeServer:
                 wanted.append(key)
         blocks = await asyncio.gather(*(self._fetch(source, key) for key in wanted))
         got = {key: b for key, b in zip(wanted, blocks) if b is not None}
-        await asyncio.get_running_loop().run_in_executor(self.executor, runner.admit, got)
+        await asyncio.wrap_future(self.engine.call(runner.admit, got))
         nbytes = sum(b.nbytes for b in got.values())
         self.replications.inc()
         self.replicated.inc(len(got))
@@ -231,7 +232,10 @@ class NodeServer:
         return web.json_response({"replicated": len(got), "bytes": nbytes, "skipped": len(keys) - len(got)})
 
     async def state(self, request: web.Request) -> web.Response:
-        return web.json_response({**self.runner.state(), "queue_depth": self.pending, "max_queue": self.max_queue})
+        return web.json_response({
+            **self.runner.state(), "queue_depth": self.pending, "max_queue": self.max_queue,
+            "max_batch": self.engine.max_batch, "mean_batch": self.engine.mean_batch,
+        })  # fmt: skip
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "node": self.node})

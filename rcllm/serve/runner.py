@@ -182,8 +182,57 @@ class NodeRunner:
         """Rank the job. Blocks in ``fetched`` (key -> block, brought from peers) join the hot
         tier; other blocks it lacks are recomputed here (timed: the cost model's compute rate).
         ``ttft_ms`` counts the fetch time, the recomputes and the ranking forward."""
+        (result,) = self.run_many([(job, fetched, fetch_ms)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def run_many(self, work: list[tuple[Job, dict[str, BlockKV] | None, float]]) -> list[RecommendResponse | Exception]:
+        """Rank several jobs ``(job, fetched, fetch_ms)`` with one batched forward (what the node's
+        engine thread does with the requests that queued while it was busy). Each job's blocks
+        are gathered first, in order; a job the engine refuses gets its ValueError as its result.
+        Every job's ``ttft_ms`` is its fetch time plus the whole batch's time on this thread: it
+        waited for all of it. The service time the coordinator plans with is the batch's time
+        per job."""
         started = time.perf_counter()
-        fetched = fetched or {}
+        gathered: list[tuple | Exception] = []
+        for job, fetched, _ in work:
+            try:
+                gathered.append(self._gather(job, fetched or {}))
+            except ValueError as e:  # e.g. an inline item longer than the model takes
+                gathered.append(e)
+        rankings: list = list(gathered)  # the refused keep their error
+        todo = [i for i, g in enumerate(gathered) if not isinstance(g, Exception)]
+        # one batch per reply length (a generated reply runs alone anyway)
+        for max_new in sorted({work[i][0].request.max_new_tokens for i in todo}):
+            group = [i for i in todo if work[i][0].request.max_new_tokens == max_new]
+            ranked = self.ranker.rank_many(
+                [(work[i][0].history, work[i][0].texts, work[i][0].policy, gathered[i][0]) for i in group], max_new
+            )
+            for i, r in zip(group, ranked):
+                rankings[i] = r
+        elapsed = (time.perf_counter() - started) * 1000.0
+        per_job = elapsed / len(work)
+        out: list[RecommendResponse | Exception] = []
+        for (job, _, fetch_ms), got, ranking in zip(work, gathered, rankings):
+            self.service_ms = per_job if not self.requests else self.service_ms + EWMA * (per_job - self.service_ms)
+            self.requests += 1
+            if isinstance(ranking, Exception):
+                out.append(ranking)
+                continue
+            _, hits, misses = got
+            self.user_lookups["hit" if ranking.user_hit else "miss"] += 1
+            stats = CacheStats(
+                user_hit=ranking.user_hit, item_hits=hits, item_misses=misses,
+                recomputed_tokens=ranking.recomputed_tokens, prompt_tokens=ranking.prompt_tokens,
+            )
+            out.append(make_response(job.request, ranking.order, ranking.scores, fetch_ms + elapsed, self.node, stats,
+                                     ranking.text))  # fmt: skip
+        return out
+
+    def _gather(self, job: Job, fetched: dict[str, BlockKV]) -> tuple["_Held", int, int]:
+        """Every candidate block of the job at hand: found in a tier, taken from ``fetched`` or
+        recomputed; returns the job's view of the source and its item hits and misses."""
         source, builder, keys = self.source, self.ranker.builder, self.directory.keys
         # Where each candidate's block is, looked up before anything new enters the hot tier:
         # admitting may evict, and a block this request found in memory must not be lost.
@@ -216,20 +265,9 @@ class NodeRunner:
                 misses += 1
                 if row is not None:
                     missed_rows.append(row)
-        request = job.request
-        ranking = self.ranker.rank(job.history, job.texts, job.policy, cache=_Held(source, held),
-                                   max_new_tokens=request.max_new_tokens)
-        elapsed = (time.perf_counter() - started) * 1000.0
-        self.service_ms = elapsed if not self.requests else self.service_ms + EWMA * (elapsed - self.service_ms)
-        self.requests += 1
-        self.user_lookups["hit" if ranking.user_hit else "miss"] += 1
         with self._lock:
             self._misses.update(missed_rows)
-        stats = CacheStats(
-            user_hit=ranking.user_hit, item_hits=hits, item_misses=misses,
-            recomputed_tokens=ranking.recomputed_tokens, prompt_tokens=ranking.prompt_tokens,
-        )
-        return make_response(request, ranking.order, ranking.scores, fetch_ms + elapsed, self.node, stats, ranking.text)
+        return _Held(source, held), hits, misses
 
 
 class _Held:
