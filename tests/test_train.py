@@ -131,8 +131,9 @@ def test_block_aware_loss_has_gradients_for_block_tokens(ranker):
 # --- examples ---------------------------------------------------------------------------------
 
 
-def test_training_examples_never_show_a_validation_or_test_target(small_data):
-    stream = ExampleStream(small_data, history=3, candidates=4, seed=0, val_users=5)
+@pytest.mark.parametrize("recent", [0, 2])
+def test_training_examples_never_show_a_validation_or_test_target(small_data, recent):
+    stream = ExampleStream(small_data, history=3, candidates=4, seed=0, val_users=5, recent=recent)
     split = stream.split
     seen_users = set()
     for step in range(200):
@@ -143,12 +144,33 @@ def test_training_examples_never_show_a_validation_or_test_target(small_data):
             assert ex.target in split.train[ex.user]
             t = split.train[ex.user].index(ex.target)
             assert t >= 1 and list(ex.history) == split.train[ex.user][max(0, t - 3) : t]
+            if recent:
+                assert t >= len(split.train[ex.user]) - recent  # one of the user's 2 latest
             assert len(set(ex.candidates)) == 4
             assert not (set(ex.candidates) - {ex.target}) & stream.touched[ex.user]
     assert len(seen_users) > len(split.train) // 2
     for ex in stream.validation:
         assert ex.target == split.validation[ex.user]
         assert list(ex.history) == split.train[ex.user][-3:]
+
+
+def test_recent_sampling_draws_users_uniformly_not_by_their_interaction_count(small_data):
+    from collections import Counter
+
+    from rcllm.data.dataset import Dataset
+
+    heavy = {"heavy": [f"{i}" for i in range(40)], **{f"light{k}": [f"{k}", f"{k + 1}", f"{k + 2}", f"{k + 3}"]
+                                                     for k in range(9)}}  # fmt: skip
+    items = {str(i): {"id": str(i), "title": f"Item {i}"} for i in range(60)}
+    rows = [(u, item, float(t)) for u, seq in heavy.items() for t, item in enumerate(seq)]
+    data = Dataset("skewed", items, rows)
+    per_user = lambda stream: Counter(ex.user for step in range(300) for ex in stream.batch(step, 4))  # noqa: E731
+    uniform_pairs = per_user(ExampleStream(data, history=2, candidates=4, seed=0, val_users=2, recent=0))
+    recent = per_user(ExampleStream(data, history=2, candidates=4, seed=0, val_users=2, recent=3))
+    assert uniform_pairs["heavy"] > 0.6 * 1200  # 37 of the 46 training positions are the heavy user's
+    assert 0.05 * 1200 < recent["heavy"] < 0.16 * 1200  # one user in ten
+    with pytest.raises(ValueError, match="recent"):
+        ExampleStream(data, history=2, candidates=4, seed=0, val_users=2, recent=-1)
 
 
 def test_example_stream_is_a_function_of_seed_and_step(small_data):

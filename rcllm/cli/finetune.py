@@ -55,6 +55,10 @@ def finetune(
         0, min=0, help="Train only the top N decoder layers (0: all). The backward pass stops at the first trained "
         "layer, so on a CPU a small N makes each step several times cheaper.",
     ),
+    recent: int = typer.Option(
+        10, min=0, help="Train on each user's N latest training interactions, users drawn uniformly (what eval "
+        "asks: every user's latest item); 0: every interaction, users weighted by how many they have."
+    ),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run whose checkpoint is in OUT.ckpt."),
@@ -71,7 +75,7 @@ def finetune(
     settings = TrainSettings(
         out=out, dataset=dataset, model=model, method=method, steps=steps, batch=batch, lr=lr, history=history,
         candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
-        val_users=val_users, lora_rank=lora_rank, amp=amp, schedule=schedule, train_layers=train_layers,
+        val_users=val_users, lora_rank=lora_rank, amp=amp, schedule=schedule, train_layers=train_layers, recent=recent,
         data_dir=data_dir, resume=resume,
     )
     k = headline_hit_rate(candidates)
@@ -83,20 +87,20 @@ def finetune(
             task = progress.add_task("fine-tuning", total=max(steps, 1), loss="-")
             # a log file gets no live bar: a plain line every twentieth of the run stands in for it
             every = 0 if err.is_terminal else max(1, steps // 20)
-            recent: list[float] = []
+            window: list[float] = []
 
             def report(step: int, total: int, logs: dict) -> None:
                 if "loss" in logs:
                     progress.update(task, loss=f"{logs['loss']:.3f}")
-                    recent.append(logs["loss"])
+                    window.append(logs["loss"])
                 progress.update(task, completed=step)
-                if every and recent and (step % every == 0 or step == total):
+                if every and window and (step % every == 0 or step == total):
                     elapsed = time.monotonic() - started
                     progress.console.print(
-                        f"step {step}/{total}: mean loss {sum(recent) / len(recent):.3f} over the last "
-                        f"{len(recent)} steps, {elapsed / 60:.1f} min elapsed"
+                        f"step {step}/{total}: mean loss {sum(window) / len(window):.3f} over the last "
+                        f"{len(window)} steps, {elapsed / 60:.1f} min elapsed"
                     )
-                    recent.clear()
+                    window.clear()
                 if "val" in logs:
                     v = logs["val"]
                     progress.console.print(

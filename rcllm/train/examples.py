@@ -73,12 +73,14 @@ def _recent(items: Sequence[str], end: int, history: int) -> tuple[str, ...]:
 class ExampleStream:
     """Training examples drawn per step, and the fixed validation requests, of one dataset."""
 
-    def __init__(self, dataset: Dataset, history: int, candidates: int, seed: int, val_users: int):
+    def __init__(self, dataset: Dataset, history: int, candidates: int, seed: int, val_users: int, recent: int = 0):
+        if recent < 0:
+            raise ValueError("recent must be >= 0 (0: every training position)")
         if candidates < 2:
             raise ValueError("at least 2 candidates are needed to rank")
         if history < 0:
             raise ValueError("history must be >= 0 items")
-        self.history, self.candidates, self.seed = history, candidates, seed
+        self.history, self.candidates, self.seed, self.recent = history, candidates, seed, recent
         self.split: Split = time_split(dataset)
         split = self.split
         if not split.train:
@@ -98,6 +100,10 @@ class ExampleStream:
             (u for u in split.train if n_items - len(self.touched[u]) >= candidates - 1), key=lambda u: (len(u), u)
         )
         self.positions = [(u, t) for u in users for t in range(1, len(split.train[u]))]
+        # with ``recent`` K: a user drawn uniformly, then one of their K latest training positions
+        self.recent_positions = [
+            [(u, t) for t in range(max(1, len(split.train[u]) - recent), len(split.train[u]))] for u in users
+        ] if recent else []  # fmt: skip
         if not self.positions:
             raise ValueError(
                 f"{dataset.name}: no training example: every user needs at least 4 interactions (2 to train on, "
@@ -116,9 +122,21 @@ class ExampleStream:
         return Example(user, _recent(seq, end, self.history), tuple(cands), cands.index(positive))
 
     def batch(self, step: int, size: int) -> list[Example]:
-        """The ``size`` training examples of ``step``: random (user, position) pairs, fresh negatives."""
+        """The ``size`` training examples of ``step``, with fresh negatives: random (user, position)
+        pairs, or with ``recent`` K a random user and one of their K latest training positions.
+
+        Uniform pairs weight users by their interaction count and positions by nothing: a user
+        with 500 ratings gives 50 times the examples of one with 10, most of them far from the
+        end of their timeline. Evaluation asks for each user's latest item, once per user, and
+        on ml-100k what predicts a latest item differs from what predicts an early one (the
+        newest release year among the candidates picks the validation target in the top 10 of
+        20 for 0.68 of users, and a uniformly drawn training target for 0.47, chance; with
+        ``recent`` 10 for 0.58)."""
         rng = random.Random(f"{self.seed}:train:{step}")
-        picks = rng.choices(self.positions, k=size)
+        if self.recent:
+            picks = [rng.choice(rng.choice(self.recent_positions)) for _ in range(size)]
+        else:
+            picks = rng.choices(self.positions, k=size)
         return [self._example(rng, u, self.split.train[u], t, self.split.train[u][t]) for u, t in picks]
 
     def sizes(self) -> dict[str, int]:

@@ -50,7 +50,7 @@ DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
 RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
-               "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers")  # fmt: skip
+               "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers", "recent")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
 LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
 
@@ -77,6 +77,7 @@ class TrainSettings:
     amp: str = "auto"  # bf16 autocast of the training forward: auto | bf16 | off
     schedule: str = "cosine"  # learning rate after the warm-up: cosine | linear (decay to 0) | constant
     train_layers: int = 0  # train only the top N decoder layers (0: all)
+    recent: int = 10  # examples from each user's K latest training positions, users drawn uniformly (0: all)
     data_dir: Path | None = None
     resume: bool = False
 
@@ -90,6 +91,8 @@ class TrainSettings:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown --schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.recent < 0:
+            raise ValueError("--recent must be >= 0 (0: every training position)")
         if self.train_layers < 0:
             raise ValueError("--train-layers must be >= 0 (0 trains every layer)")
         if self.amp not in AMP:
@@ -268,7 +271,9 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
         from rcllm.data.loaders import load_dataset
 
         dataset = load_dataset(settings.dataset, data_dir=settings.data_dir)
-    stream = ExampleStream(dataset, settings.history, settings.candidates, settings.seed, settings.val_users)
+    stream = ExampleStream(
+        dataset, settings.history, settings.candidates, settings.seed, settings.val_users, settings.recent
+    )
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
 
