@@ -5,7 +5,7 @@
 
 Random-weight models with the dimensions of Llama-3-8B and Qwen2.5-0.5B (built from transformers
 configs, nothing downloaded), bf16 on CUDA, batch 1. Prompts are block-structured like the
-engine's: [system][history][label_1][item_1] ... [label_n][item_n][instruction], at L ~ 2048
+engine's: [system][history][item_1][label_1] ... [item_n][label_n][instruction], at L ~ 2048
 with 20 candidates and L ~ 4096 with 100. Item and history blocks are computed after the system
 prompt (as the cache builder does), then:
 
@@ -119,7 +119,7 @@ def build_prompt(engine, shape: Shape, vocab: int, seed: int):
     items = engine.compute_blocks([ids(shape.item) for _ in range(shape.candidates)], system)
     segments = [Segment.cached(system, "system"), Segment.cached(history, "history")]
     for i, item in enumerate(items):
-        segments += [Segment.fresh(ids(shape.label), f"label {i}"), Segment.cached(item, f"item {i}")]
+        segments += [Segment.cached(item, f"item {i}"), Segment.fresh(ids(shape.label), f"label {i}")]
     segments.append(Segment.fresh(ids(shape.instruction), "instruction"))
     pin = engine.device.type == "cuda"
 

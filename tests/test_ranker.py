@@ -23,10 +23,10 @@ def test_prompt_ids_are_the_concatenation_of_segments(ranker):
     segs, _ = ranker.segments(HISTORY, CANDIDATES)
     names = [s.name for s in segs]
     assert names[:2] == ["system", "history"] and names[-1] == "instruction"
-    assert names[2:-1] == ["label", "item"] * len(CANDIDATES)
+    assert names[2:-1] == ["item", "label"] * len(CANDIDATES)
     b = ranker.builder
-    assert torch.equal(segs[3].token_ids, b.item_ids(CANDIDATES[0]))
-    assert torch.equal(segs[2].token_ids, b.label_ids(0))
+    assert torch.equal(segs[2].token_ids, b.item_ids(CANDIDATES[0]))
+    assert torch.equal(segs[3].token_ids, b.label_ids(0))
 
 
 def test_cached_and_fresh_prompts_have_identical_token_ids(ranker):

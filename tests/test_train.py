@@ -348,6 +348,21 @@ def test_full_fine_tuning_lifts_a_random_model_from_chance(tmp_path, tiny_models
     assert sum(report["losses"][-20:]) / 20 < 0.9 < sum(report["losses"][:10]) / 10
 
 
+
+def test_block_aware_training_makes_reuse_without_correction_rank(tmp_path, tiny_models):
+    """Trained only under the attention of cached reuse, the model ranks when served with every
+    block cached and nothing recomputed (``none``): the fresh label after each item reads that
+    item's cached KV, and the answer copies the label."""
+    settings = _settings(
+        tmp_path, tiny_models["llama"], steps=100, batch=32, lr=3e-3, history=1, block_aware="on",
+        eval_every=100, val_users=32,
+    )
+    report = train(settings, dataset=_one_taste_population()).report
+    before, after = report["evals"][0]["val"], report["final"]["val"]
+    assert after["reuse_none"]["hr@1"] >= 0.45  # chance with 4 candidates: 0.25
+    assert after["reuse_none"]["hr@1"] - before["reuse_none"]["hr@1"] >= 0.2
+    assert after["reuse_none"]["top1_agree"] >= 0.8
+
 # --- the command ------------------------------------------------------------------------------
 
 

@@ -1,10 +1,16 @@
 """Ranking prompts as blocks: one place builds them for serving, eval, check and fine-tuning.
 
-``[system][history][label_1][item_1] ... [label_n][item_n][instruction]``: each segment is
+``[system][history][item_1][label_1] ... [item_n][label_n][instruction]``: each segment is
 tokenized on its own and the prompt's ids are their concatenation, so every system (plain
 prefill, prefix cache, block reuse) runs on exactly the same ids. Item blocks hold only the
-item's text; the label that ties an item to its slot is a fresh two-token segment, so one
-cached item block serves every position and label.
+item's text; the label that ties an item to its slot is a fresh three-token segment (`` -> A``
+and a newline), so one cached item block serves every position and label.
+
+The label comes *after* its item. Under reuse a cached item block never saw its label, and a
+fresh token sees only what precedes it: a label placed before its item could read the item
+before it, not its own, so nothing fresh would bind a letter to an item's content. After the
+item, the label's tokens (always recomputed) attend to the item's cached KV and carry its content
+under its letter, which the answer then copies (the label's letter token is the answer token).
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ class PromptTemplate:
     history_line: str = "- {text}\n"
     history_empty: str = "The user has no history yet.\n"
     candidates_header: str = "\nCandidates:\n"
-    label: str = "{label}"
-    item: str = ". {text}\n"
+    item: str = "- {text}"
+    label: str = " -> {label}\n"
     instruction: str = "\nWhich candidate will the user choose next? Answer with its letter.\nAnswer:"
     content_free: str = "N/A"
 

@@ -127,7 +127,6 @@ class Ranker:
             stats["user_hit"] = hit
             segs.append(Segment.cached(block, "history"))
         for slot, text in enumerate(candidates):
-            segs.append(Segment.fresh(b.label_ids(slot), "label"))
             ids = b.item_ids(text)
             if cache is None:
                 segs.append(Segment.fresh(ids, "item"))
@@ -135,6 +134,7 @@ class Ranker:
                 block, hit = cache.get("item", ids)
                 stats["item_hits" if hit else "item_misses"] += 1
                 segs.append(Segment.cached(block, "item"))
+            segs.append(Segment.fresh(b.label_ids(slot), "label"))
         segs.append(Segment.fresh(b.instruction_ids(), "instruction"))
         return segs, stats
 
