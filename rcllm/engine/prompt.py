@@ -3,8 +3,8 @@
 ``[system][history][item_1][label_1] ... [item_n][label_n][instruction]``: each segment is
 tokenized on its own and the prompt's ids are their concatenation, so every system (plain
 prefill, prefix cache, block reuse) runs on exactly the same ids. Item blocks hold only the
-item's text; the label that ties an item to its slot is a fresh three-token segment (`` -> A``
-and a newline), so one cached item block serves every position and label.
+item's text (``\n- {text} ->``); the label that ties an item to its slot is a fresh one-token
+segment (`` A``), so one cached item block serves every position and label.
 
 The label comes *after* its item. Under reuse a cached item block never saw its label, and a
 fresh token sees only what precedes it: a label placed before its item could read the item
@@ -33,10 +33,10 @@ class PromptTemplate:
     history_header: str = "The user chose, oldest first:\n"
     history_line: str = "- {text}\n"
     history_empty: str = "The user has no history yet.\n"
-    candidates_header: str = "\nCandidates:\n"
-    item: str = "- {text}"
-    label: str = " -> {label}\n"
-    instruction: str = "\nWhich candidate will the user choose next? Answer with its letter.\nAnswer:"
+    candidates_header: str = "\nCandidates:"
+    item: str = "\n- {text} ->"
+    label: str = " {label}"
+    instruction: str = "\n\nWhich candidate will the user choose next? Answer with its letter.\nAnswer:"
     content_free: str = "N/A"
 
     def to_dict(self) -> dict:
