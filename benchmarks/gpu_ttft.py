@@ -73,7 +73,7 @@ class Shape:
     length: int  # target prompt length; the items fill what the other segments leave
     system: int = 32
     history: int = 256
-    label: int = 3
+    label: int = 1  # one fresh token per candidate, as the engine's prompts
     instruction: int = 32
 
     @property
@@ -83,7 +83,7 @@ class Shape:
 
 
 SHAPES = (Shape(20, 2048), Shape(100, 4096))
-SMOKE_SHAPES = (Shape(4, 96, system=8, history=16, label=2, instruction=8), Shape(8, 160, system=8, history=16, label=2, instruction=8))
+SMOKE_SHAPES = (Shape(4, 96, system=8, history=16, instruction=8), Shape(8, 160, system=8, history=16, instruction=8))
 
 
 def build_model(dims: dict, device: torch.device, dtype: torch.dtype, seed: int):

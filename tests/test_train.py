@@ -348,7 +348,6 @@ def test_full_fine_tuning_lifts_a_random_model_from_chance(tmp_path, tiny_models
     assert sum(report["losses"][-20:]) / 20 < 0.9 < sum(report["losses"][:10]) / 10
 
 
-
 def test_block_aware_training_makes_reuse_without_correction_rank(tmp_path, tiny_models):
     """Trained only under the attention of cached reuse, the model ranks when served with every
     block cached and nothing recomputed (``none``): the fresh label after each item reads that

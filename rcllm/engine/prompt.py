@@ -7,10 +7,10 @@ item's text (``\n- {text} ->``); the label that ties an item to its slot is a fr
 segment (`` A``), so one cached item block serves every position and label.
 
 The label comes *after* its item. Under reuse a cached item block never saw its label, and a
-fresh token sees only what precedes it: a label placed before its item could read the item
-before it, not its own, so nothing fresh would bind a letter to an item's content. After the
-item, the label's tokens (always recomputed) attend to the item's cached KV and carry its content
-under its letter, which the answer then copies (the label's letter token is the answer token).
+fresh token sees only what precedes it: a label placed before its item could read only the
+previous item, never the one it names. After the item, the label token (always recomputed)
+attends to the item's cached KV and carries its content under its letter, which the answer then
+copies (the label token is the answer token).
 """
 
 from __future__ import annotations
