@@ -384,11 +384,29 @@ def test_finetune_command_trains_and_reports(tmp_path, tiny_models):
     from typer.testing import CliRunner
 
     args = ["finetune", "--dataset", "synthetic", "--model", str(tiny_models["llama"]), "--out", str(tmp_path / "m"),
-            "--method", "full", "--steps", "1", "--batch", "1", "--history", "2", "--candidates", "4",
-            "--val-users", "2", "--block-aware", "on"]  # fmt: skip
+            "--method", "full", "--steps", "2", "--batch", "1", "--history", "2", "--candidates", "4",
+            "--val-users", "2", "--block-aware", "mix"]  # fmt: skip
     result = CliRunner().invoke(_cli(), args)
     assert result.exit_code == 0, result.output
-    assert "hr@10" in result.output and (tmp_path / "m" / "training.json").is_file()
+    assert "hr@10" in result.output
+    report = json.loads((tmp_path / "m" / "training.json").read_text())
+    # mix: step 0 block-aware, step 1 causal; the result names each half's loss
+    split = report["final"]["train_loss_by_attention"]
+    assert split == pytest.approx({"causal": report["losses"][1], "block-aware": report["losses"][0]})
+    assert f"block-aware steps {report['losses'][0]:.3f}" in " ".join(result.output.split())  # rich wraps lines
+
+
+def test_losses_are_split_by_the_attention_of_their_step():
+    from rcllm.train.report import losses_by_attention, mean_by_attention
+
+    losses = [1.0, 2.0, 4.0, 8.0, 16.0]  # mix: steps 0, 2, 4 block-aware
+    assert losses_by_attention(losses, "mix") == {"causal": 5.0, "block-aware": 7.0}
+    assert losses_by_attention(losses, "mix", start=2) == {"causal": 8.0, "block-aware": 10.0}
+    assert list(losses_by_attention(losses[:1], "mix")) == ["block-aware"]
+    assert list(losses_by_attention(losses[:2], "mix")) == ["causal", "block-aware"]
+    assert losses_by_attention(losses, "off") == {"causal": 6.2}
+    assert losses_by_attention(losses, "on", start=3) == {"block-aware": 12.0}
+    assert mean_by_attention([]) == {} and losses_by_attention(losses, "mix", start=5) == {}
 
 
 def test_finetune_command_explains_bad_input(tmp_path, tiny_models):

@@ -69,6 +69,7 @@ def finetune(
 
     from rcllm.engine.models import UnsupportedModelError
     from rcllm.train import TrainingInterrupted, TrainSettings, train
+    from rcllm.train.report import mean_by_attention
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -87,17 +88,22 @@ def finetune(
             task = progress.add_task("fine-tuning", total=max(steps, 1), loss="-")
             # a log file gets no live bar: a plain line every twentieth of the run stands in for it
             every = 0 if err.is_terminal else max(1, steps // 20)
-            window: list[float] = []
+            window: list[tuple[float, bool]] = []  # (loss, block-aware step) since the last line
 
             def report(step: int, total: int, logs: dict) -> None:
                 if "loss" in logs:
                     progress.update(task, loss=f"{logs['loss']:.3f}")
-                    window.append(logs["loss"])
+                    window.append((logs["loss"], logs.get("block_aware", False)))
                 progress.update(task, completed=step)
                 if every and window and (step % every == 0 or step == total):
                     elapsed = time.monotonic() - started
+                    losses = [loss for loss, _ in window]
+                    split = ""
+                    if settings.block_aware == "mix":  # the two halves learn at their own pace
+                        split = ", ".join(f"{kind} {mean:.3f}" for kind, mean in mean_by_attention(window).items())
+                        split = f" ({split})"
                     progress.console.print(
-                        f"step {step}/{total}: mean loss {sum(window) / len(window):.3f} over the last "
+                        f"step {step}/{total}: mean loss {sum(losses) / len(losses):.3f}{split} over the last "
                         f"{len(window)} steps, {elapsed / 60:.1f} min elapsed"
                     )
                     window.clear()
@@ -131,6 +137,10 @@ def _print_result(report: dict, out: Path) -> None:
     for name, m in rows:
         table.add_row(name, *(f"{m[c]:.3f}" for c in ("hr@1", "hr@10", "ndcg@10", "mrr")))
     console.print(table)
+    split = report["final"].get("train_loss_by_attention") or {}
+    if len(split) > 1:  # mix: whether the block-aware half learns as well as the causal one
+        console.print("training loss since the previous validation: "
+                      + ", ".join(f"{kind} steps {mean:.3f}" for kind, mean in split.items()))  # fmt: skip
     t = report["time"]
     rate = f"{t['steps_per_s']:.2f} steps/s, " if t["steps_per_s"] else ""
     console.print(

@@ -39,7 +39,8 @@ from rcllm.train.checkpoint import (
 )
 from rcllm.train.examples import ExampleStream, PromptEncoder
 from rcllm.train.forward import answer_logits, collate, label_loss
-from rcllm.train.report import machine, plot_training
+from rcllm.train.masks import block_aware_step
+from rcllm.train.report import losses_by_attention, machine, plot_training
 from rcllm.train.validate import baselines, validate
 
 METHODS = ("lora", "full")
@@ -133,7 +134,7 @@ class TrainSettings:
         return _cpu_has_bf16()
 
     def block_aware_at(self, step: int) -> bool:
-        return self.block_aware == "on" or (self.block_aware == "mix" and step % 2 == 0)
+        return block_aware_step(self.block_aware, step)
 
 
 def _cpu_has_bf16() -> bool:
@@ -297,6 +298,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
         entry = {
             "step": state["step"],
             "train_loss": sum(recent) / len(recent) if recent else None,
+            "train_loss_by_attention": losses_by_attention(state["losses"], settings.block_aware, since),
             "val": validate(lm, builder, encoder, stream.validation),
         }
         state["seconds"]["validation"] += time.perf_counter() - started
@@ -335,7 +337,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
                 state["step"] = step + 1
                 state["losses"].append(loss.item())
                 state["seconds"]["training"] += time.perf_counter() - started
-            logs = {"loss": state["losses"][-1]}
+            logs = {"loss": state["losses"][-1], "block_aware": settings.block_aware_at(step)}
             if due(state["step"]):
                 evaluate(logs)
             if progress:

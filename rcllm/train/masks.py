@@ -18,6 +18,12 @@ BLOCK_KINDS = ("history", "item")  # segments that serving may take from the blo
 Layout = Sequence[tuple[str, int]]
 
 
+def block_aware_step(mode: str, step: int) -> bool:
+    """Whether training step ``step`` (from 0) uses this pattern under ``--block-aware`` ``mode``:
+    every step with ``on``, the even ones with ``mix``, none with ``off``."""
+    return mode == "on" or (mode == "mix" and step % 2 == 0)
+
+
 def _segment_index(layout: Layout) -> torch.Tensor:
     """Per token, the index of the segment it belongs to."""
     if not layout or layout[0][0] != "system":
