@@ -98,10 +98,8 @@ def finetune(
                 if every and window and (step % every == 0 or step == total):
                     elapsed = time.monotonic() - started
                     losses = [loss for loss, _ in window]
-                    split = ""
-                    if settings.block_aware == "mix":  # the two halves learn at their own pace
-                        split = ", ".join(f"{kind} {mean:.3f}" for kind, mean in mean_by_attention(window).items())
-                        split = f" ({split})"
+                    # mix: the two halves learn at their own pace
+                    split = f" ({_loss_split(mean_by_attention(window))})" if settings.block_aware == "mix" else ""
                     progress.console.print(
                         f"step {step}/{total}: mean loss {sum(losses) / len(losses):.3f}{split} over the last "
                         f"{len(window)} steps, {elapsed / 60:.1f} min elapsed"
@@ -125,6 +123,11 @@ def finetune(
     _print_result(result.report, result.out)
 
 
+def _loss_split(means: dict[str, float], suffix: str = "") -> str:
+    """``causal 2.200, block-aware 3.030``: the mean loss of each kind of step."""
+    return ", ".join(f"{kind}{suffix} {mean:.3f}" for kind, mean in means.items())
+
+
 def _print_result(report: dict, out: Path) -> None:
     final = report["final"]["val"]
     table = Table(title=f"validation after {report['steps']} steps, {report['data']['validation_users']} users, "
@@ -139,8 +142,7 @@ def _print_result(report: dict, out: Path) -> None:
     console.print(table)
     split = report["final"].get("train_loss_by_attention") or {}
     if len(split) > 1:  # mix: whether the block-aware half learns as well as the causal one
-        console.print("training loss since the previous validation: "
-                      + ", ".join(f"{kind} steps {mean:.3f}" for kind, mean in split.items()))  # fmt: skip
+        console.print(f"training loss since the previous validation: {_loss_split(split, ' steps')}")
     t = report["time"]
     rate = f"{t['steps_per_s']:.2f} steps/s, " if t["steps_per_s"] else ""
     console.print(

@@ -23,7 +23,7 @@ def mean_by_attention(losses: Iterable[tuple[float, bool]]) -> dict[str, float]:
     kinds: dict[str, list[float]] = {}
     for loss, aware in losses:
         kinds.setdefault("block-aware" if aware else "causal", []).append(loss)
-    return {kind: sum(v) / len(v) for kind, v in sorted(kinds.items(), key=lambda kv: kv[0] != "causal")}
+    return {kind: sum(kinds[kind]) / len(kinds[kind]) for kind in ("causal", "block-aware") if kind in kinds}
 
 
 def losses_by_attention(losses: Sequence[float], mode: str, start: int = 0) -> dict[str, float]:
