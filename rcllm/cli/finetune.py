@@ -59,6 +59,18 @@ def finetune(
         10, min=0, help="Train on each user's N latest training interactions, users drawn uniformly (what eval "
         "asks: every user's latest item); 0: every interaction, users weighted by how many they have."
     ),
+    link_tokens: Optional[int] = typer.Option(
+        None, min=0, max=16, help="Fresh link tokens after each item block, recomputed at serve time like the label: "
+        "where a model trained for reuse compares each item with the history (default: the start model's template, "
+        "else 0). Recorded in the model folder; caches and serving follow it.",
+    ),
+    teacher: Optional[str] = typer.Option(
+        None, help="Distil block-aware steps from this model's plain prefill of the same prompt (e.g. a causal "
+        "fine-tune): KL of the label distributions plus the hidden states of the fresh tokens.",
+    ),
+    distill_weight: float = typer.Option(1.0, min=0.0, help="Weight of the KL term (with --teacher)."),
+    hidden_weight: float = typer.Option(1.0, min=0.0, help="Weight of the hidden-state term (with --teacher; 0: off)."),
+    temperature: float = typer.Option(2.0, min=0.01, help="Softening temperature of the KL term (with --teacher)."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run whose checkpoint is in OUT.ckpt."),
@@ -77,7 +89,8 @@ def finetune(
         out=out, dataset=dataset, model=model, method=method, steps=steps, batch=batch, lr=lr, history=history,
         candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
         val_users=val_users, lora_rank=lora_rank, amp=amp, schedule=schedule, train_layers=train_layers, recent=recent,
-        data_dir=data_dir, resume=resume,
+        link_tokens=link_tokens, teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
+        temperature=temperature, data_dir=data_dir, resume=resume,
     )
     k = headline_hit_rate(candidates)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
@@ -89,22 +102,30 @@ def finetune(
             # a log file gets no live bar: a plain line every twentieth of the run stands in for it
             every = 0 if err.is_terminal else max(1, steps // 20)
             window: list[tuple[float, bool]] = []  # (loss, block-aware step) since the last line
+            extra: list[dict] = []  # grad norm and distillation terms since the last line
 
             def report(step: int, total: int, logs: dict) -> None:
                 if "loss" in logs:
                     progress.update(task, loss=f"{logs['loss']:.3f}")
                     window.append((logs["loss"], logs.get("block_aware", False)))
+                    extra.append({"grad_norm": logs.get("grad_norm", 0.0), **logs.get("parts", {})})
                 progress.update(task, completed=step)
                 if every and window and (step % every == 0 or step == total):
                     elapsed = time.monotonic() - started
                     losses = [loss for loss, _ in window]
                     # mix: the two halves learn at their own pace
                     split = f" ({_loss_split(mean_by_attention(window))})" if settings.block_aware == "mix" else ""
+                    terms = "".join(
+                        f", {name} {sum(e[name] for e in extra if name in e) / n:.3f}"
+                        for name in ("kl", "hidden", "grad_norm")
+                        if (n := sum(name in e for e in extra))
+                    )
                     progress.console.print(
-                        f"step {step}/{total}: mean loss {sum(losses) / len(losses):.3f}{split} over the last "
+                        f"step {step}/{total}: mean loss {sum(losses) / len(losses):.3f}{split}{terms} over the last "
                         f"{len(window)} steps, {elapsed / 60:.1f} min elapsed"
                     )
                     window.clear()
+                    extra.clear()
                 if "val" in logs:
                     v = logs["val"]
                     progress.console.print(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from rcllm.engine.forward import BlockEngine
 from rcllm.engine.models import load_model
-from rcllm.engine.prompt import PromptBuilder, PromptTemplate
+from rcllm.engine.prompt import PromptBuilder, PromptTemplate, model_template
 from rcllm.engine.ranker import Ranker
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,4 +30,6 @@ def open_ranker(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     lm = load_model(model, device=device, dtype=parse_dtype(dtype))
+    if template is None and os.path.isdir(lm.path):  # a model from rcllm finetune serves the template it learnt
+        template = model_template(lm.path)
     return Ranker(BlockEngine(lm), PromptBuilder(lm.tokenizer, template), calibration=calibration)

@@ -11,17 +11,26 @@ fresh token sees only what precedes it: a label placed before its item could rea
 previous item, never the one it names. After the item, the label token (always recomputed)
 attends to the item's cached KV and carries its content under its letter, which the answer then
 copies (the label token is the answer token).
+
+Optional *link* tokens (``link_tokens`` copies of one fixed token between an item and its label,
+fresh like the label) give each candidate a few more recomputed tokens that read both the user's
+history and the item's cached KV: under reuse without correction they are where a model trained
+for reuse (``rcllm finetune --link-tokens``) compares the two. A model folder records the
+template it was trained with (:data:`TEMPLATE_FILE`), and :func:`model_template` reads it back.
 """
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 LABELS = string.ascii_uppercase
+TEMPLATE_FILE = "rcllm-template.json"  # in a model folder: the prompt template the model was trained with
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,8 @@ class PromptTemplate:
     candidates_header: str = "\nCandidates:"
     item: str = "\n- {text} ->"
     label: str = " {label}"
+    link: str = " ~"  # the link token's text (one token), repeated link_tokens times after each item
+    link_tokens: int = 0
     instruction: str = "\n\nWhich candidate will the user choose next? Answer with its letter.\nAnswer:"
     content_free: str = "N/A"
 
@@ -48,6 +59,18 @@ class PromptTemplate:
         if unknown:
             raise ValueError(f"unknown prompt template fields: {sorted(unknown)}")
         return cls(**data)
+
+
+def model_template(model_path: str | Path) -> PromptTemplate | None:
+    """The template recorded in a model folder by ``rcllm finetune``, or None (a folder without
+    one, a hub id): such a model takes the default template."""
+    path = Path(model_path) / TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return PromptTemplate.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a prompt template ({e}); delete it to use the default template") from e
 
 
 def item_text(item: Mapping, max_chars: int = 300) -> str:
@@ -77,6 +100,7 @@ class PromptBuilder:
         self._instruction = torch.tensor(self._encode(self.template.instruction))
         self._labels = [torch.tensor(self._encode(self.template.label.format(label=c))) for c in LABELS]
         self.label_token_ids = self._answer_tokens()
+        self._link = torch.tensor(self._link_tokens(), dtype=torch.long)
 
     def _encode(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
@@ -96,6 +120,22 @@ class PromptBuilder:
         if len(set(ids)) != len(ids):
             raise ValueError("two labels share an answer token in this tokenizer")
         return ids
+
+    def _link_tokens(self) -> list[int]:
+        n = self.template.link_tokens
+        if n < 0:
+            raise ValueError(f"link_tokens {n}: the number of link tokens after each item is >= 0")
+        ids = self._encode(self.template.link * n)
+        if len(ids) != n:
+            raise ValueError(
+                f"link {self.template.link!r} x {n} is {len(ids)} tokens in this tokenizer, not {n}: "
+                "pick a link text that is one token however often it repeats"
+            )
+        return ids
+
+    def link_ids(self) -> torch.Tensor:
+        """The fresh link tokens that follow every item block (empty without link tokens)."""
+        return self._link
 
     @property
     def max_candidates(self) -> int:

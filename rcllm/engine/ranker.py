@@ -134,6 +134,8 @@ class Ranker:
                 block, hit = cache.get("item", ids)
                 stats["item_hits" if hit else "item_misses"] += 1
                 segs.append(Segment.cached(block, "item"))
+            if b.template.link_tokens:
+                segs.append(Segment.fresh(b.link_ids(), "link"))
             segs.append(Segment.fresh(b.label_ids(slot), "label"))
         segs.append(Segment.fresh(b.instruction_ids(), "instruction"))
         return segs, stats

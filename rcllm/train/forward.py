@@ -40,6 +40,7 @@ class Batch:
     answer: torch.Tensor  # long [B]: index of each prompt's last token
     targets: torch.Tensor  # long [B]: the positive's slot
     n_candidates: int
+    fresh: torch.Tensor  # bool [B, L]: recomputed under reuse (labels, links, instruction), not padding
 
     @property
     def block_aware(self) -> bool:
@@ -58,9 +59,12 @@ def collate(prompts: Sequence[EncodedPrompt], block_aware: bool, device: torch.d
     positions = torch.arange(width).repeat(b, 1)
     query_positions = positions.clone()
     mask = torch.zeros(b, 1, width, 2 * width if block_aware else width, dtype=torch.bool)
+    fresh = torch.zeros(b, width, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         n = prompt.ids.numel()
         ids[row, :n] = prompt.ids
+        fresh[row, :n] = ~block_token_flags(prompt.layout)
+        fresh[row, : prompt.layout[0][1]] = False  # the system prefix is cached too
         # padding rows see themselves only (no empty softmax row); no real row sees padding
         pad = torch.arange(n, width)
         mask[row, 0, pad, pad + (width if block_aware else 0)] = True
@@ -80,6 +84,7 @@ def collate(prompts: Sequence[EncodedPrompt], block_aware: bool, device: torch.d
         answer=torch.tensor([p.ids.numel() - 1 for p in prompts], device=device),
         targets=torch.tensor([p.target for p in prompts], device=device),
         n_candidates=n_candidates,
+        fresh=fresh.to(device),
     )
 
 
@@ -90,7 +95,9 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> t
     return kernels.apply_rope(flat, positions.reshape(-1), inv_freq).view(heads, b, n, d).transpose(0, 1)
 
 
-def _layer(layer, h: torch.Tensor, batch: Batch, inv_freq: torch.Tensor, head_dim: int) -> torch.Tensor:
+def _layer(
+    layer, h: torch.Tensor, batch: Batch, inv_freq: torch.Tensor, head_dim: int, probe: list | None = None
+) -> torch.Tensor:
     attn = layer.self_attn
     b, n, _ = h.shape
     x = layer.input_layernorm(h)
@@ -104,19 +111,36 @@ def _layer(layer, h: torch.Tensor, batch: Batch, inv_freq: torch.Tensor, head_di
     if batch.block_aware:
         keys = torch.cat([_rope(k, batch.query_positions, inv_freq), keys], dim=2)
         v = torch.cat([v, v], dim=2)
-    o = F.scaled_dot_product_attention(
-        q, keys, v, attn_mask=batch.mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
-    )
+    if probe is None:
+        o = F.scaled_dot_product_attention(
+            q, keys, v, attn_mask=batch.mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
+        )
+    else:  # the same attention with its weights kept, for diagnostics
+        group = q.shape[1] // keys.shape[1]
+        keys, v = keys.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = (q @ keys.transpose(-1, -2)) * attn.scaling
+        weights = scores.masked_fill(~batch.mask, float("-inf")).softmax(-1)
+        o = weights @ v
+        # block-aware: a key's two copies (base, real) are one token; fold them, average the heads
+        folded = weights[..., :n] + weights[..., n:] if batch.block_aware else weights
+        probe.append(folded.mean(1))
     h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-def answer_logits(model, batch: Batch, inv_freq: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Next-token logits [B, vocab] at each prompt's last token (``model``: a *ForCausalLM)."""
+def answer_logits(
+    model, batch: Batch, inv_freq: torch.Tensor, head_dim: int, hidden: list | None = None, probe: list | None = None
+) -> torch.Tensor:
+    """Next-token logits [B, vocab] at each prompt's last token (``model``: a *ForCausalLM).
+
+    ``hidden``, when given, receives each layer's output [B, L, D]; ``probe`` each layer's
+    attention weights [B, L, L] (heads averaged)."""
     decoder = model.model
     h = decoder.embed_tokens(batch.ids)
     for layer in decoder.layers:
-        h = _layer(layer, h, batch, inv_freq, head_dim)
+        h = _layer(layer, h, batch, inv_freq, head_dim, probe)
+        if hidden is not None:
+            hidden.append(h)
     last = h[torch.arange(h.shape[0], device=h.device), batch.answer]
     return model.lm_head(decoder.norm(last))
 
@@ -129,3 +153,76 @@ def label_loss(logits: torch.Tensor, batch: Batch, label_token_ids: Sequence[int
     """
     ids = torch.tensor(list(label_token_ids[: batch.n_candidates]), device=logits.device)
     return F.cross_entropy(logits[:, ids].float(), batch.targets)
+
+
+def distill_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, batch: Batch, label_token_ids: Sequence[int], temperature: float
+) -> torch.Tensor:
+    """``T^2 * KL(teacher || student)`` of the label distributions softened by ``temperature``: the
+    whole ranking the teacher reads, not only which candidate was right (Hinton et al.'s scaling
+    keeps the gradient's size independent of T)."""
+    ids = torch.tensor(list(label_token_ids[: batch.n_candidates]), device=logits.device)
+    student = F.log_softmax(logits[:, ids].float() / temperature, -1)
+    teacher = F.log_softmax(teacher_logits[:, ids].float() / temperature, -1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def hidden_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], fresh: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and fresh tokens of ``|h_student - h_teacher|^2 / |h_teacher|^2``.
+
+    The fresh tokens (labels, links, instruction) are all that reuse recomputes; under a plain
+    prefill their hidden states already hold the comparison of each item with the history (the
+    item's own tokens read the history there). Asking the block-aware forward to reproduce them
+    token by token and layer by layer is a signal C x layers x width times denser than the one
+    answer label, and it names *where* the comparison has to happen."""
+    losses = []
+    for s, t in zip(student, teacher, strict=True):
+        err = (s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp_min(1e-6)
+        losses.append(err[fresh].mean())
+    return torch.stack(losses).mean()
+
+
+def label_attention(probe: Sequence[torch.Tensor], prompts: Sequence[EncodedPrompt]) -> dict[str, list[float]]:
+    """Per layer, the attention mass the label tokens put on their own item block, on the history
+    block, on the other items and on the system prefix (means over labels and prompts).
+
+    A model that ranks under reuse must read its own item from the label (or link) token; a
+    label whose mass on its own item stays where an untrained model has it learnt nothing there."""
+    parts = ("own_item", "history", "other_items", "system")
+    out: dict[str, list[float]] = {p: [] for p in parts}
+    for weights in probe:
+        sums = dict.fromkeys(parts, 0.0)
+        count = 0
+        for row, prompt in enumerate(prompts):
+            start, item = 0, None
+            for name, n in prompt.layout:
+                if name == "item":
+                    item = (start, start + n)
+                elif name == "label" and item is not None:
+                    w = weights[row, start].float()
+                    own = float(w[item[0] : item[1]].sum())
+                    sums["own_item"] += own
+                    sums["system"] += float(w[: prompt.layout[0][1]].sum())
+                    hist = _span(prompt.layout, "history")
+                    sums["history"] += float(w[hist[0] : hist[1]].sum()) if hist else 0.0
+                    items = sum(float(w[a:b].sum()) for a, b in _spans(prompt.layout, "item") if b <= start)
+                    sums["other_items"] += items - own
+                    count += 1
+                start += n
+        for p in parts:
+            out[p].append(sums[p] / max(count, 1))
+    return out
+
+
+def _spans(layout, kind: str) -> list[tuple[int, int]]:
+    spans, start = [], 0
+    for name, n in layout:
+        if name == kind:
+            spans.append((start, start + n))
+        start += n
+    return spans
+
+
+def _span(layout, kind: str) -> tuple[int, int] | None:
+    spans = _spans(layout, kind)
+    return spans[0] if spans else None

@@ -27,7 +27,7 @@ import torch
 from rcllm.data.dataset import Dataset
 from rcllm.engine.forward import BlockEngine
 from rcllm.engine.models import LoadedModel, load_model
-from rcllm.engine.prompt import LABELS, PromptBuilder
+from rcllm.engine.prompt import LABELS, TEMPLATE_FILE, PromptBuilder, PromptTemplate, model_template
 from rcllm.engine.ranker import Ranker
 from rcllm.train.checkpoint import (
     checkpoint_dir,
@@ -38,7 +38,14 @@ from rcllm.train.checkpoint import (
     write_folder,
 )
 from rcllm.train.examples import ExampleStream, PromptEncoder
-from rcllm.train.forward import answer_logits, collate, label_loss
+from rcllm.train.forward import (
+    answer_logits,
+    collate,
+    distill_loss,
+    hidden_loss,
+    label_attention,
+    label_loss,
+)
 from rcllm.train.masks import block_aware_step
 from rcllm.train.report import losses_by_attention, machine, plot_training
 from rcllm.train.validate import baselines, validate
@@ -51,9 +58,15 @@ DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
 RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
-               "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers", "recent")  # fmt: skip
+               "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers", "recent", "link_tokens",
+               "teacher", "distill_weight", "hidden_weight", "temperature")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
 LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
+DISTILL_LOSS = (
+    "on block-aware steps, plus distill_weight * T^2 KL(teacher || student) of the label distributions at "
+    "temperature T, plus hidden_weight * the teacher-normalised squared error of every layer's hidden states at "
+    "the fresh tokens (labels, links, instruction); the teacher is a plain prefill of the same prompt"
+)
 
 Progress = Callable[[int, int, dict], None]  # (steps done, total steps, logs of the step)
 
@@ -79,6 +92,11 @@ class TrainSettings:
     schedule: str = "cosine"  # learning rate after the warm-up: cosine | linear (decay to 0) | constant
     train_layers: int = 0  # train only the top N decoder layers (0: all)
     recent: int = 10  # examples from each user's K latest training positions, users drawn uniformly (0: all)
+    link_tokens: int | None = None  # fresh link tokens after each item (None: the start model's template, else 0)
+    teacher: str | None = None  # a model whose plain prefill block-aware steps are distilled from
+    distill_weight: float = 1.0
+    hidden_weight: float = 1.0
+    temperature: float = 2.0
     data_dir: Path | None = None
     resume: bool = False
 
@@ -107,6 +125,12 @@ class TrainSettings:
         for name in ("batch", "eval_every", "val_users", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.link_tokens is not None and not 0 <= self.link_tokens <= 16:
+            raise ValueError(f"--link-tokens {self.link_tokens}: between 0 and 16 fresh tokens after each item")
+        if self.teacher is not None and self.block_aware == "off":
+            raise ValueError("--teacher distils block-aware steps: pass --block-aware on or mix with it")
+        if min(self.distill_weight, self.hidden_weight) < 0 or self.temperature <= 0:
+            raise ValueError("--distill-weight and --hidden-weight must be >= 0 and --temperature > 0")
         if self.steps < 0 or self.history < 0:
             raise ValueError("steps and history must be >= 0")
         if not self.lr or self.lr <= 0:
@@ -135,6 +159,53 @@ class TrainSettings:
 
     def block_aware_at(self, step: int) -> bool:
         return block_aware_step(self.block_aware, step)
+
+
+def _template(lm: LoadedModel, settings: TrainSettings) -> PromptTemplate:
+    """The prompt template of the run: the start model's (a folder from an earlier run records
+    its own), with ``--link-tokens`` when given."""
+    import os
+
+    start = (model_template(lm.path) if os.path.isdir(lm.path) else None) or PromptTemplate()
+    if settings.link_tokens is None or settings.link_tokens == start.link_tokens:
+        return start
+    data = start.to_dict()
+    data["link_tokens"] = settings.link_tokens
+    return PromptTemplate.from_dict(data)
+
+
+def _load_teacher(settings: TrainSettings, student: LoadedModel) -> LoadedModel | None:
+    """The frozen teacher of distillation; it must read the same token ids as the student."""
+    if settings.teacher is None:
+        return None
+    teacher = load_model(settings.teacher, device=settings.device, dtype=torch.float32)
+    if teacher.tokenizer_hash != student.tokenizer_hash:
+        raise ValueError(f"--teacher {settings.teacher} has another tokenizer than {settings.model}: "
+                         "distillation compares the two on the same token ids")
+    if settings.hidden_weight:
+        shape = [(len(m.model.model.layers), m.model.config.hidden_size) for m in (teacher, student)]
+        if shape[0] != shape[1]:
+            raise ValueError(
+                f"--teacher {settings.teacher} has {shape[0][0]} layers of width {shape[0][1]} and {settings.model} "
+                f"{shape[1][0]} of width {shape[1][1]}: hidden states are matched layer by layer, so pass a teacher "
+                "of the same shape (e.g. a causal fine-tune of the same model) or --hidden-weight 0"
+            )
+    teacher.model.eval().requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def _probe(model, prompts, lm: LoadedModel) -> dict[str, list[float]]:
+    """Attention of the label tokens under the block-aware pattern, per layer (see
+    :func:`rcllm.train.forward.label_attention`)."""
+    was_training = model.training
+    model.eval()
+    try:
+        weights: list = []
+        answer_logits(model, collate(prompts, True, lm.device), lm.inv_freq, lm.head_dim, probe=weights)
+        return label_attention(weights, prompts)
+    finally:
+        model.train(was_training)
 
 
 def _cpu_has_bf16() -> bool:
@@ -279,7 +350,9 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     torch.manual_seed(settings.seed)
 
     lm = load_model(settings.model, device=settings.device, dtype=torch.float32)
-    builder = PromptBuilder(lm.tokenizer)
+    template = _template(lm, settings)
+    builder = PromptBuilder(lm.tokenizer, template)
+    teacher = _load_teacher(settings, lm)
     encoder = PromptEncoder(Ranker(BlockEngine(lm), builder), dataset.items)
     peft_model = _prepare(lm, settings)
     model = lm.model
@@ -289,7 +362,9 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     if settings.resume:
         state = _restore(ckpt_dir, settings, model, optimizer, scheduler)
     state["settings"] = settings.to_json()
+    state["template"] = template.to_dict()
     base = baselines(stream.validation, stream.popularity)
+    probe_prompts = [encoder.encode(e) for e in stream.validation[: settings.batch]]
 
     def evaluate(logs: dict) -> None:
         started = time.perf_counter()
@@ -300,6 +375,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             "train_loss": sum(recent) / len(recent) if recent else None,
             "train_loss_by_attention": losses_by_attention(state["losses"], settings.block_aware, since),
             "val": validate(lm, builder, encoder, stream.validation),
+            "label_attention": _probe(model, probe_prompts, lm),
         }
         state["seconds"]["validation"] += time.perf_counter() - started
         state["evals"].append(entry)
@@ -324,20 +400,40 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             step = state["step"]
             started = time.perf_counter()
             prompts = [encoder.encode(e) for e in stream.batch(step, settings.batch)]
-            batch = collate(prompts, settings.block_aware_at(step), lm.device)
+            aware = settings.block_aware_at(step)
+            batch = collate(prompts, aware, lm.device)
+            distil = teacher is not None and aware
+            hidden: list | None = [] if distil and settings.hidden_weight else None
             with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = answer_logits(model, batch, lm.inv_freq, lm.head_dim)
+                logits = answer_logits(model, batch, lm.inv_freq, lm.head_dim, hidden)
+                if distil:
+                    with torch.no_grad():
+                        taught: list | None = [] if hidden is not None else None
+                        plain = collate(prompts, False, lm.device)
+                        teacher_logits = answer_logits(teacher.model, plain, teacher.inv_freq, teacher.head_dim, taught)
             loss = label_loss(logits, batch, label_ids)
+            parts = {"ce": loss.item()}
+            if distil:
+                kl = distill_loss(logits, teacher_logits, batch, label_ids, settings.temperature)
+                parts["kl"] = kl.item()
+                loss = loss + settings.distill_weight * kl
+                if hidden is not None:
+                    first = _trained_layers(lm, settings)[0]
+                    h = hidden_loss(hidden[first:], taught[first:], batch.fresh)
+                    parts["hidden"] = h.item()
+                    loss = loss + settings.hidden_weight * h
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
             with deferred_interrupt():
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] = step + 1
-                state["losses"].append(loss.item())
+                state["losses"].append(parts["ce"])
+                state.setdefault("loss_parts", []).append(parts)
+                state.setdefault("grad_norms", []).append(float(grad_norm))
                 state["seconds"]["training"] += time.perf_counter() - started
-            logs = {"loss": state["losses"][-1], "block_aware": settings.block_aware_at(step)}
+            logs = {"loss": state["losses"][-1], "block_aware": aware, "parts": parts, "grad_norm": float(grad_norm)}
             if due(state["step"]):
                 evaluate(logs)
             if progress:
@@ -366,6 +462,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     def fill(tmp: Path) -> None:
         merged.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
+        (tmp / TEMPLATE_FILE).write_text(json.dumps(template.to_dict(), indent=2) + "\n")
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         plot_training(report, tmp / PLOT_FILE)
 
@@ -388,7 +485,10 @@ def _report(settings, state, stream, base, lm, dataset_name) -> dict:
             "trainable_parameters": sum(p.numel() for p in lm.model.parameters() if p.requires_grad),
         },
         "data": {"dataset": dataset_name, **stream.sizes()},
-        "loss": LOSS,
+        "loss": LOSS + ("; " + DISTILL_LOSS if settings.teacher else ""),
+        "template": state.get("template"),
+        "loss_parts": state.get("loss_parts", []),
+        "grad_norms": state.get("grad_norms", []),
         "training_precision": "bf16 autocast, fp32 weights" if state.get("autocast_bf16") else "fp32",
         "steps": state["step"],
         "baselines": base,

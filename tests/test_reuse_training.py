@@ -1,0 +1,190 @@
+"""Training for reuse: link tokens in the prompt, distillation from a plain prefill, the label
+attention probe, and the template a fine-tuned model folder carries (tiny random-weight models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcllm.data.synthetic import make_synthetic
+from rcllm.engine import BlockEngine, MemoryBlockCache, PromptBuilder, PromptTemplate, Ranker
+from rcllm.engine.api import open_ranker
+from rcllm.engine.models import load_model
+from rcllm.engine.prompt import TEMPLATE_FILE, model_template
+from rcllm.train import TrainSettings, train
+from rcllm.train.examples import EncodedPrompt
+from rcllm.train.forward import answer_logits, collate, distill_loss, hidden_loss, label_attention
+
+HISTORY = [f"Movie {i} ({1980 + i}); Drama" for i in range(3)]
+CANDIDATES = [f"Film number {i}; Comedy, Action" for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def linked(tiny_models):
+    lm = load_model(tiny_models["llama"])
+    return Ranker(BlockEngine(lm), PromptBuilder(lm.tokenizer, PromptTemplate(link_tokens=2)))
+
+
+def _encode(ranker, cases, target=0):
+    out = []
+    for history, candidates in cases:
+        segments, _ = ranker.segments(history, candidates)
+        ids = torch.cat([s.token_ids for s in segments])
+        out.append(EncodedPrompt(ids, [(s.name, s.n_tokens) for s in segments], target, len(candidates)))
+    return out
+
+
+# --- link tokens ------------------------------------------------------------------------------
+
+
+def test_link_tokens_follow_every_item_and_are_recomputed(linked):
+    cache = MemoryBlockCache(linked.engine, linked.builder)
+    segments, _ = linked.segments(HISTORY, CANDIDATES, cache)
+    names = [s.name for s in segments]
+    assert names[2:5] == ["item", "link", "label"] and names.count("link") == len(CANDIDATES)
+    link = next(s for s in segments if s.name == "link")
+    assert link.kv is None and link.n_tokens == 2  # fresh, like the label
+    fresh = sum(s.n_tokens for s in segments if s.kv is None)
+    result = linked.engine.forward(segments, "none")
+    assert result.recomputed_tokens == fresh  # none recomputes the links too
+
+
+def test_block_aware_training_forward_matches_reuse_with_link_tokens(linked):
+    cases = [(HISTORY, CANDIDATES), (HISTORY[:1], CANDIDATES[::-1])]
+    prompts = _encode(linked, cases)
+    lm = linked.engine.lm
+    with torch.no_grad():
+        logits = answer_logits(lm.model, collate(prompts, block_aware=True), lm.inv_freq, lm.head_dim)
+    cache = MemoryBlockCache(linked.engine, linked.builder)
+    for row, (history, candidates) in enumerate(cases):
+        expected = linked.engine.forward(linked.segments(history, candidates, cache)[0], "none").logits
+        assert (logits[row] - expected).abs().max() < 1e-4
+
+
+def test_link_text_must_stay_one_token_per_link(tiny_models):
+    tokenizer = load_model(tiny_models["llama"]).tokenizer
+    with pytest.raises(ValueError, match="one token"):
+        PromptBuilder(tokenizer, PromptTemplate(link=" two words", link_tokens=2))
+    with pytest.raises(ValueError, match=">= 0"):
+        PromptBuilder(tokenizer, PromptTemplate(link_tokens=-1))
+    assert PromptBuilder(tokenizer).link_ids().numel() == 0
+
+
+def test_a_model_folder_template_is_read_back_and_a_bad_one_is_named(tmp_path):
+    assert model_template(tmp_path) is None
+    (tmp_path / TEMPLATE_FILE).write_text(json.dumps(PromptTemplate(link_tokens=3).to_dict()))
+    assert model_template(tmp_path).link_tokens == 3
+    (tmp_path / TEMPLATE_FILE).write_text('{"colour": "blue"}')
+    with pytest.raises(ValueError, match="not a prompt template"):
+        model_template(tmp_path)
+
+
+# --- distillation -----------------------------------------------------------------------------
+
+
+def test_distill_loss_is_zero_against_itself_and_grows_with_disagreement(linked):
+    prompts = _encode(linked, [(HISTORY, CANDIDATES)])
+    batch = collate(prompts, block_aware=True)
+    labels = linked.builder.label_token_ids
+    logits = torch.randn(1, 50_000)
+    assert distill_loss(logits, logits, batch, labels, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    near, far = logits.clone(), logits.clone()
+    near[0, labels[0]] += 0.5
+    far[0, labels[0]] += 5.0
+    small, large = (distill_loss(x, logits, batch, labels, 2.0).item() for x in (near, far))
+    assert 0 < small < large
+    off_label = logits.clone()
+    off_label[0, 7] += 100.0  # not a label token: no part of the ranking
+    assert distill_loss(off_label, logits, batch, labels, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_hidden_loss_reads_only_the_fresh_tokens(linked):
+    prompts = _encode(linked, [(HISTORY, CANDIDATES)])
+    batch = collate(prompts, block_aware=True)
+    layout = prompts[0].layout
+    names = [name for name, n in layout for _ in range(n)]
+    assert batch.fresh[0].tolist() == [name in ("label", "link", "instruction") for name in names]
+    teacher = [torch.randn(1, len(names), 8) for _ in range(2)]
+    student = [t.clone() for t in teacher]
+    assert hidden_loss(student, teacher, batch.fresh).item() == 0.0
+    block_token = names.index("item")
+    student[0][0, block_token] += 10.0  # cached under reuse: not the student's to match
+    assert hidden_loss(student, teacher, batch.fresh).item() == 0.0
+    student[1][0, names.index("label")] = 0.0  # a fresh token that lost its state: relative error 1
+    expected = 1.0 / int(batch.fresh.sum()) / 2  # one token of the fresh ones, in one of two layers
+    assert hidden_loss(student, teacher, batch.fresh).item() == pytest.approx(expected)
+
+
+def test_label_attention_splits_the_mass_of_each_label():
+    layout = [("system", 2), ("history", 2), ("item", 2), ("label", 1), ("item", 1), ("label", 1), ("instruction", 1)]
+    prompt = EncodedPrompt(torch.zeros(10, dtype=torch.long), layout, 0, 2)
+    weights = torch.zeros(1, 10, 10)
+    weights[0, 6, [0, 2, 4, 5]] = torch.tensor([0.1, 0.2, 0.3, 0.4])  # label 1: system, history, own item
+    weights[0, 8, [1, 3, 4, 7]] = torch.tensor([0.25, 0.25, 0.25, 0.25])  # label 2: own item is token 7
+    out = label_attention([weights], [prompt])
+    assert out["own_item"] == [pytest.approx((0.7 + 0.25) / 2)]
+    assert out["history"] == [pytest.approx((0.2 + 0.25) / 2)]
+    assert out["system"] == [pytest.approx((0.1 + 0.25) / 2)]
+    assert out["other_items"] == [pytest.approx(0.25 / 2)]
+
+
+def test_distillation_pulls_the_block_aware_student_towards_the_teachers_plain_prefill(tmp_path, tiny_models):
+    """With a teacher the block-aware steps learn the teacher's fresh hidden states and label
+    distribution: both terms fall, and the student's reuse logits move towards the teacher's
+    plain prefill on the training prompts. Without --teacher neither term exists."""
+    data = make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
+    settings = TrainSettings(
+        out=tmp_path / "student", model=str(tiny_models["llama"]), teacher=str(tiny_models["qwen2"]),
+        method="full", steps=40, batch=4, lr=3e-3, history=2, candidates=4, block_aware="on", eval_every=40,
+        val_users=2, amp="off", schedule="constant", recent=1,
+    )
+    report = train(settings, dataset=data).report
+    parts = report["loss_parts"]
+    assert all({"ce", "kl", "hidden"} <= set(p) for p in parts)
+    first = sum(p["hidden"] for p in parts[:5]) / 5
+    last = sum(p["hidden"] for p in parts[-5:]) / 5
+    assert last < 0.5 * first
+    assert sum(p["kl"] for p in parts[-5:]) < sum(p["kl"] for p in parts[:5])
+    assert len(report["grad_norms"]) == 40 and all(g > 0 for g in report["grad_norms"])
+    attention = report["final"]["label_attention"]
+    assert set(attention) == {"own_item", "history", "other_items", "system"} and len(attention["own_item"]) == 2
+
+
+def test_a_teacher_of_another_shape_is_refused_before_training(tmp_path, tiny_models):
+    from conftest import tiny_model_dir
+
+    tokenizer = load_model(tiny_models["llama"]).tokenizer
+    deeper = tiny_model_dir("llama", tmp_path / "deeper", tokenizer, num_hidden_layers=3)
+    data = make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
+    settings = TrainSettings(
+        out=tmp_path / "student", model=str(tiny_models["llama"]), teacher=str(deeper), method="full", steps=1,
+        batch=1, history=2, candidates=4, block_aware="on", val_users=1,
+    )
+    with pytest.raises(ValueError, match="3 layers"):
+        train(settings, dataset=data)
+    settings.hidden_weight = 0.0  # the KL term alone needs only the same token ids
+    train(settings, dataset=data)
+    with pytest.raises(ValueError, match="block-aware"):
+        train(TrainSettings(out=tmp_path / "x", model=str(tiny_models["llama"]), teacher=str(deeper),
+                            block_aware="off"), dataset=data)
+
+
+def test_finetune_records_its_template_and_serving_follows_it(tmp_path, tiny_models):
+    data = make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
+    settings = TrainSettings(
+        out=tmp_path / "m", model=str(tiny_models["llama"]), method="full", steps=1, batch=1, history=2,
+        candidates=4, block_aware="on", val_users=1, link_tokens=2,
+    )
+    train(settings, dataset=data)
+    assert json.loads((tmp_path / "m" / TEMPLATE_FILE).read_text())["link_tokens"] == 2
+    ranker = open_ranker(str(tmp_path / "m"))
+    assert ranker.builder.template.link_tokens == 2
+    # a second run from that folder keeps its links unless told otherwise
+    again = TrainSettings(**{**settings.__dict__, "out": tmp_path / "m2", "model": str(tmp_path / "m"),
+                             "link_tokens": None})
+    train(again, dataset=data)
+    assert model_template(tmp_path / "m2").link_tokens == 2
+    assert open_ranker(str(tiny_models["llama"])).builder.template.link_tokens == 0
