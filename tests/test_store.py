@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -83,10 +82,10 @@ def shard_files(root: Path) -> list[str]:
 N_BUILD = 60
 
 
-def build_store(root: str, n: int = N_BUILD, pause: float = 0.0) -> int:
+def build_store(root: str, n: int = N_BUILD) -> int:
     """A resumable build: put the blocks not yet durable (3 per shard); returns how many it put.
 
-    Also run as the writer process that the SIGKILL test kills; it prints the durable count.
+    Also run as the writer process that the SIGKILL test kills (see HELD_WRITER).
     """
     puts = 0
     with BlockStore(Path(root), create=True, max_shard_bytes=THREE_BLOCKS) as store:
@@ -96,9 +95,29 @@ def build_store(root: str, n: int = N_BUILD, pause: float = 0.0) -> int:
                 continue
             store.put(key, make_block(i, n=11))
             puts += 1
-            print(len(store), flush=True)
-            time.sleep(pause)
     return puts
+
+
+# The writer process of the SIGKILL test: build_store, held inside the write of its fifth shard
+# (written and fsynced under its temp name, not yet renamed or indexed) until the test kills it,
+# so the kill lands mid-shard on every machine, however fast.
+HELD_WRITER = """
+import sys
+sys.path.insert(0, {tests!r})
+from rcllm.store import shards
+from test_store import build_store
+fsync_file, shards_written = shards.fsync_file, []
+
+def fsync_then_hold(path):
+    fsync_file(path)
+    shards_written.append(path)
+    if len(shards_written) == 5:
+        print("holding", path.name, flush=True)
+        sys.stdin.read()  # until the test kills this process
+
+shards.fsync_file = fsync_then_hold
+build_store({root!r})
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,30 +234,29 @@ def test_crash_during_shard_write_leaves_an_ignored_temp_file(tmp_path, monkeypa
 @pytest.mark.slow
 def test_writer_killed_mid_build_then_rerun_equals_a_clean_build(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        f"from test_store import build_store; build_store({str(killed)!r}, pause=0.02)"
-    )
+    code = HELD_WRITER.format(tests=str(Path(__file__).parent), root=str(killed))
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).parents[1],
     )
     try:
-        for line in proc.stdout:
-            if int(line) >= 12:  # four shards durable: kill the writer somewhere in the loop
-                break
-        # A reader in another process sees the writer's commits while it runs.
+        line = proc.stdout.readline()
+        assert line == "holding shard-000004.safetensors.tmp\n", (line, proc.wait())
+        # A reader in another process sees the writer's commits while it runs: four shards.
         with BlockStore.open_readonly(killed) as reader:
-            assert len(reader) >= 12
+            assert len(reader) == 12
+        assert "shard-000004.safetensors.tmp" in shard_files(killed)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
+        proc.stdin.close()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
 
     with BlockStore.open_readonly(killed) as reader:
         survived = reader.keys()
-        assert 12 <= len(survived) < N_BUILD
+        assert sorted(survived) == [f"block-{i:03d}" for i in range(12)]  # the half-written shard is not
         for key in survived:  # whatever is indexed is whole
             assert_same_block(reader.get(key, verify=True), make_block(int(key[-3:]), n=11))
 
