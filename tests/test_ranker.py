@@ -52,25 +52,40 @@ def test_rank_full_with_cache_equals_rank_without(ranker):
     assert max(abs(x - y) for x, y in zip(a.scores, b.scores)) < 1e-5
 
 
-def test_scores_are_the_calibrated_label_distribution(ranker):
-    r = ranker.rank(HISTORY, CANDIDATES, "full")
-    segs, _ = ranker.segments(HISTORY, CANDIDATES)
-    logits = ranker.engine.forward(segs, "full").logits
+def stock_label_logprobs(ranker, history, candidates) -> torch.Tensor:
+    """Log-probabilities of the n label tokens after the prompt, by the stock transformers forward."""
+    segs, _ = ranker.segments(history, candidates)
+    ids = torch.cat([s.token_ids for s in segs])
+    with torch.inference_mode():
+        logits = ranker.engine.lm.model(input_ids=ids[None]).logits[0, -1].float()
+    return torch.log_softmax(logits[ranker.builder.label_token_ids[: len(candidates)]], -1)
+
+
+PROMPTS = [  # (history, candidates) of the same size, other contents
+    (HISTORY, CANDIDATES),
+    (HISTORY[:2], CANDIDATES[::-1]),
+    ([], [f"Documentary {i} (2001); Music" for i in range(8)]),
+]
+
+
+def test_calibration_removes_the_content_free_label_prior_from_every_prompt(ranker):
+    """Scores are each prompt's label distribution divided by the prior of the content-free prompt
+    of the same size (measured here with the stock forward, not with the ranker's own prior)."""
     n = len(CANDIDATES)
-    logprobs = torch.log_softmax(logits[ranker.builder.label_token_ids[:n]], -1)
-    expected = torch.softmax(logprobs - ranker.label_prior(n), -1)
-    assert torch.allclose(torch.tensor(r.scores), expected, atol=1e-6)
-    assert abs(sum(r.scores) - 1) < 1e-5
-    assert r.order == sorted(range(n), key=lambda i: -r.scores[i])
-    assert r.calibration == "contextual"
-
-
-def test_calibration_removes_a_content_free_label_preference(ranker):
-    """On the content-free prompt itself, calibrated scores are uniform: no label is preferred for free."""
-    n = 6
     filler = ranker.builder.template.content_free
-    r = ranker.rank([filler], [filler] * n, "full")
-    assert max(r.scores) - min(r.scores) < 1e-5
+    prior = stock_label_logprobs(ranker, [filler], [filler] * n)
+    assert float(prior.max() - prior.min()) > 0.1  # the model prefers some labels whatever the items
+    for history, candidates in PROMPTS:
+        r = ranker.rank(history, candidates, "full")
+        raw = stock_label_logprobs(ranker, history, candidates)
+        want = torch.softmax(raw - prior, -1)
+        assert r.calibration == "contextual"
+        assert torch.allclose(torch.tensor(r.label_logprobs), raw, atol=1e-4)
+        assert torch.allclose(torch.tensor(r.scores), want, atol=1e-4)
+        assert abs(sum(r.scores) - 1) < 1e-5
+        ranked = sorted(want.tolist(), reverse=True)
+        assert min(a - b for a, b in zip(ranked, ranked[1:])) > 1e-3  # no near-tie: the order is defined
+        assert r.order == torch.argsort(want, descending=True).tolist()
 
 
 def test_uncalibrated_ranker_reports_raw_probabilities(tiny_models):
@@ -83,12 +98,24 @@ def test_uncalibrated_ranker_reports_raw_probabilities(tiny_models):
 
 
 def test_more_candidates_than_labels_are_ranked_by_tournament(ranker):
+    """60 candidates: three groups (26, 26, 8) ranked alone; the best 8 of each (26 labels shared
+    by 3 groups) meet in a final, whose order leads; the rest follow by their group scores."""
     many = [f"Item {i}; Genre {i % 4}" for i in range(60)]
     r = ranker.rank(HISTORY, many, "full")
     assert sorted(r.order) == list(range(60))
-    assert r.rounds == 4  # three groups of at most 26, then a final
-    # the winner of the final is the best of the items that advanced from the groups
-    assert r.scores[r.order[0]] == max(r.scores[i] for i in r.order[:24])
+    assert r.rounds == 4
+    advancing, group_scores = [], {}
+    for group in (range(0, 26), range(26, 52), range(52, 60)):
+        alone = ranker.rank(HISTORY, [many[i] for i in group], "full")
+        best = [group[i] for i in alone.order]
+        advancing += best[:8]
+        group_scores.update({group[k]: score for k, score in enumerate(alone.scores)})
+    final = ranker.rank(HISTORY, [many[i] for i in advancing], "full")
+    assert r.order[:24] == [advancing[i] for i in final.order]  # the groups' winners, as the final ranks them
+    rest = r.order[24:]
+    assert set(rest) == set(range(60)) - set(advancing)
+    assert all(group_scores[a] >= group_scores[b] for a, b in zip(rest, rest[1:]))
+    assert [r.scores[i] for i in rest] == [group_scores[i] for i in rest]
 
 
 def test_one_prompt_refuses_more_candidates_than_labels(ranker):
