@@ -510,15 +510,29 @@ def test_crash_between_shard_rename_and_index_commit_never_serves_the_orphan(cle
     assert_same_cache(out, clean.out)  # includes: the orphan is gone
 
 
-SLOWED_CLI = """
-import sys, time
+# The real CLI, held at the first batch of blocks it computes after a store's flush made blocks
+# durable (node 0 done, node 1 started) until the test kills it: the kill lands there on every
+# machine, however fast.
+HELD_CLI = """
+import sys
 from rcllm.engine.forward import BlockEngine
-compute = BlockEngine.compute_blocks
-def slowed(self, *args, **kwargs):
-    blocks = compute(self, *args, **kwargs)
-    time.sleep(0.5)
-    return blocks
-BlockEngine.compute_blocks = slowed
+from rcllm.store import BlockStore
+flush, compute_blocks = BlockStore.flush, BlockEngine.compute_blocks
+durable = []
+
+def flush_and_note(self):
+    flush(self)
+    if len(self):
+        durable.append(self.root.name)
+
+def compute_or_hold(self, *args, **kwargs):
+    if durable:
+        print("holding after", durable[-1], flush=True)
+        sys.stdin.read()  # until the test kills this process
+    return compute_blocks(self, *args, **kwargs)
+
+BlockStore.flush = flush_and_note
+BlockEngine.compute_blocks = compute_or_hold
 from rcllm.cli.main import main
 main()
 """
@@ -530,28 +544,21 @@ def test_build_cache_process_killed_with_sigkill_then_rerun_equals_the_clean_bui
     args = ["build-cache", str(data.catalog), "--out", str(out), "--model", str(model),
             "--users", str(data.users), "--interactions", str(data.interactions)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    # The real CLI, with each batch of blocks slowed down so the kill lands mid-build.
     log = tmp_path / "build.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-c", SLOWED_CLI, *args], cwd=REPO, env=env,
-                                stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", HELD_CLI, *args], cwd=REPO, env=env,
+                                stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"build ended before it was killed: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "no block became durable in time"
-            try:
-                with BlockStore.open_readonly(node_dir(out, 0)) as store:
-                    if len(store):
-                        break
-            except Exception:  # noqa: BLE001 - the store is not created yet
-                pass
+        deadline = time.monotonic() + 300  # a guard against a hang, not a measure
+        while "holding after node-0" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, f"build ended before it was held: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"the build never reached node 1: {log.read_text()[-2000:]}"
             time.sleep(0.05)
-        time.sleep(0.2)  # node 0 is durable; node 1's first (slowed) batch is being computed
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
+        proc.stdin.close()
     assert proc.returncode == -signal.SIGKILL
 
     with pytest.raises(FileNotFoundError):
@@ -561,7 +568,7 @@ def test_build_cache_process_killed_with_sigkill_then_rerun_equals_the_clean_bui
         survived = read_store(out / root.name)
         reference = read_store(root)
         assert_same_blocks(survived, {k: reference[k] for k in survived if k in reference})
-        assert set(survived) <= set(reference)
+        assert set(survived) == (set(reference) if root.name == "node-0" else set())  # node 0 durable, nothing else
         durable += len(survived)
     assert 0 < durable < N_ITEMS + N_USERS
 
