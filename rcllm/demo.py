@@ -40,7 +40,7 @@ class DemoSettings:
     requests: int = 24
     candidates: int = 10
     history: int = 20
-    policy: str = "boundary:2"
+    policy: str | None = None  # None: the model's gated policy (rcllm.engine.model_policy.default_policy)
     model: str = "smollm2-135m"
     concurrency: int = 2
     seed: int = 0
@@ -86,6 +86,8 @@ class DemoResult:
     logs: Path
     build_seconds: float
     exit_codes: dict[str, int]
+    policy: str  # the rcllm pass's policy
+    policy_reason: str  # where it came from: given, the model's gated policy file, or the fallback
 
 
 def _request_body(r: RankingRequest, policy: str) -> dict:
@@ -116,12 +118,15 @@ def run_demo(
     from rcllm.data.catalog import write_catalog
     from rcllm.data.formats import write_histories, write_interactions
     from rcllm.data.loaders import load_dataset
+    from rcllm.engine.model_policy import default_policy
     from rcllm.engine.policy import parse_policy
+    from rcllm.store import Manifest
     from rcllm.eval.runner import EvalSettings, sample_eval_requests
     from rcllm.serve.client import send_all
     from rcllm.serve.cluster import LocalCluster
 
-    parse_policy(settings.policy)
+    if settings.policy is not None:
+        parse_policy(settings.policy)
     if settings.nodes < 1 or settings.requests < 1:
         raise ValueError("the demo needs at least one node and one request")
     folder = settings.folder()
@@ -152,12 +157,18 @@ def run_demo(
                            interactions=inputs / "interactions.jsonl", history=settings.history, seed=settings.seed)
     build_cache(inputs / "catalog.jsonl", options, reporter)
     build_seconds = time.perf_counter() - started
+    if settings.policy is None:
+        chosen = default_policy(settings.model, Manifest.load(cache).model["fingerprint"])
+        policy, policy_reason = chosen.policy, chosen.reason
+    else:
+        policy, policy_reason = str(parse_policy(settings.policy)), "given (--policy)"
+    log(f"rcllm's policy: {policy}, {policy_reason}")
 
     logs = folder / "logs"
     threads = max(1, (os.cpu_count() or 1) // settings.nodes)
     cluster = LocalCluster(
         cache, logs, settings.nodes,
-        node_args=("--threads", str(threads), "--policy", settings.policy),
+        node_args=("--threads", str(threads), "--policy", policy),
         env={"OMP_NUM_THREADS": str(threads)},
     )
     state = folder / STATE_FILE
@@ -174,13 +185,13 @@ def run_demo(
         cluster.wait_until(lambda r: r.get("up") == settings.nodes, f"{settings.nodes} nodes up", 300)
         # one untimed request per node: model warm-up and the label prior, as a server would at start
         for k in range(settings.nodes):
-            warm = _request_body(requests[k % len(requests)], settings.policy)
+            warm = _request_body(requests[k % len(requests)], policy)
             answers = asyncio.run(send_all(cluster.node_url(k), [warm], 1, timeout_s=300))
             _check_answers("warm-up", answers, requests[:1], cluster)
 
-        for name, policy in (("full", "full"), (f"rcllm:{settings.policy}", settings.policy)):
-            log(f"sending {len(requests)} requests through the coordinator, policy {policy}")
-            answers = asyncio.run(send_all(cluster.url, [_request_body(r, policy) for r in requests],
+        for name, sent in (("full", "full"), (f"rcllm:{policy}", policy)):
+            log(f"sending {len(requests)} requests through the coordinator, policy {sent}")
+            answers = asyncio.run(send_all(cluster.url, [_request_body(r, sent) for r in requests],
                                            settings.concurrency, timeout_s=300))
             responses = _check_answers(name, answers, requests, cluster)
             systems[name] = SystemRun(
@@ -195,13 +206,13 @@ def run_demo(
         state.unlink(missing_ok=True)
 
     systems["prefix"] = _prefix_baseline(cache, dataset, requests, threads)
-    systems = {k: systems[k] for k in ("full", "prefix", f"rcllm:{settings.policy}")}
+    systems = {k: systems[k] for k in ("full", "prefix", f"rcllm:{policy}")}
     lookups = sum(a.cache.item_hits + a.cache.item_misses for a in served)
     users_known = [a.cache.user_hit for a in served if a.cache.user_hit is not None]
     per_node: dict[int, int] = {}
     for a in served:
         per_node[a.node] = per_node.get(a.node, 0) + 1
-    full, reused = systems["full"].rankings, systems[f"rcllm:{settings.policy}"].rankings
+    full, reused = systems["full"].rankings, systems[f"rcllm:{policy}"].rankings
     return DemoResult(
         dataset=dataset, requests=requests, systems=systems,
         hit_ratio={
@@ -217,6 +228,7 @@ def run_demo(
             ),
         },
         cluster=report, cache=cache, logs=logs, build_seconds=build_seconds, exit_codes=codes,
+        policy=policy, policy_reason=policy_reason,
     )
 
 

@@ -1,39 +1,186 @@
-"""`rcllm check`: the correctness gate, as a library call and as a command."""
+"""`rcllm check`: the correctness gate on real (tiny) models, as library calls and as a command.
+
+Three tiny llamas: the random-weight one of conftest (it follows labels, not content, and reuse
+without correction changes its answers); a *content-blind* one whose final norm is zeroed (every
+logit exactly 0: a uniform answer, so the first label always wins); and a *content-aware* one
+trained here in seconds to pick the candidate with "Golden" in its title, a rule each label can
+read from its own item, so cached blocks keep it.
+"""
 
 from __future__ import annotations
 
 import json
+import random
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from rcllm.cli.main import app
+from rcllm.data.catalog import write_catalog
+from rcllm.data.formats import write_interactions
+from rcllm.data.loaders import load_dataset
 from rcllm.data.movielens import load_ml100k_recbole
+from rcllm.data.sampling import sample_requests
+from rcllm.data.synthetic import make_synthetic
 from rcllm.engine import BlockEngine, PromptBuilder, Ranker
-from rcllm.engine.check import PromptCase, run_check, sample_cases
-from rcllm.engine.models import load_model
+from rcllm.engine.model_policy import POLICY_FILE, read_policy_file
+from rcllm.engine.models import load_model, wrap_model
+from rcllm.engine.prompt import item_text
+from rcllm.eval.check import (
+    FrontierRow,
+    GateSettings,
+    PromptCase,
+    SweepResult,
+    Thresholds,
+    choose_policy,
+    rotation,
+    run_check,
+    run_gate,
+    run_sweep,
+    sample_cases,
+)
 
 JSON_KEYS = {"model", "policy", "prompts", "max_abs_logit_diff", "top1_agree", "kendall_tau", "kl"}
+COLORS = ["Grey", "Brown", "Silver", "Blue", "Green", "Pale", "Dark", "Quiet"]
+NOUNS = ["River", "Harbour", "Garden", "Tower", "Meadow", "Lantern", "Bridge", "Forest"]
+PLAIN = [f"The {c} {n}" for c in COLORS for n in NOUNS]
+GOLDEN = [f"The Golden {n}" for n in NOUNS]
+SWEEP_ARGS = ["--prompts", "8", "--history", "3", "--candidates", "5", "--calibration", "none"]
+
+
+def golden_case(rng: random.Random, n: int = 5) -> PromptCase:
+    """Three plain titles of history; n - 1 plain candidates and one golden at a random slot."""
+    candidates = rng.sample(PLAIN, n - 1)
+    slot = rng.randrange(n)
+    candidates.insert(slot, rng.choice(GOLDEN))
+    return PromptCase(rng.sample(PLAIN, 3), candidates, slot)
+
+
+def train_golden(folder: Path, steps: int = 120, batch: int = 16) -> Path:
+    """Teach the tiny llama in ``folder`` (plain prefill, loss on the answer's label logits) to
+    answer with the label of the golden candidate; save it back."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ranker = Ranker(BlockEngine(wrap_model(model, tokenizer, fingerprint="in-training")), PromptBuilder(tokenizer))
+    model.requires_grad_(True)
+    model.train()
+    labels = torch.tensor(ranker.builder.label_token_ids[:5])
+    rng = random.Random(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(steps):
+            cases = [golden_case(rng) for _ in range(batch)]
+            prompts = [torch.cat([s.token_ids for s in ranker.segments(c.history, c.candidates)[0]]) for c in cases]
+            length = max(len(p) for p in prompts)
+            # left padding, so that every prompt's answer position is the last one
+            ids = torch.stack([torch.cat([torch.zeros(length - len(p), dtype=torch.long), p]) for p in prompts])
+            mask = torch.stack([torch.cat([torch.zeros(length - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+            loss = torch.nn.functional.cross_entropy(hidden @ model.lm_head.weight[labels].T,
+                                                     torch.tensor([c.positive for c in cases]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    model.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
-def cases():
-    return sample_cases(load_ml100k_recbole(), n_prompts=3, history=20, candidates=20, seed=0)
+def golden_model(tiny_models, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("golden") / "model"
+    shutil.copytree(tiny_models["llama"], folder)
+    return train_golden(folder)
 
 
 @pytest.fixture(scope="module")
-def ranker(tiny_models):
-    lm = load_model(tiny_models["qwen3"])
-    return Ranker(BlockEngine(lm), PromptBuilder(lm.tokenizer))
+def blind_model(tiny_models, tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("blind") / "model"
+    shutil.copytree(tiny_models["llama"], folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(folder)
+    return folder
 
 
-def test_sample_cases_are_history_20_candidates_20(cases):
+@pytest.fixture(scope="module")
+def golden_data(tmp_path_factory) -> Path:
+    """A catalog of 56 plain and 8 golden titles; each of 24 users chose every golden title but one
+    early, then four plain ones, then the last golden one: its leave-one-out request has that
+    golden title among plain negatives (nothing else golden is left unseen)."""
+    folder = tmp_path_factory.mktemp("golden-data")
+    items = [{"id": f"p{i}", "title": t} for i, t in enumerate(PLAIN)] + [{"id": f"g{i}", "title": t} for i, t in enumerate(GOLDEN)]
+    rng = random.Random(1)
+    rows = []
+    for u in range(24):
+        last = u % len(GOLDEN)
+        sequence = [f"g{i}" for i in range(len(GOLDEN)) if i != last] + [f"p{i}" for i in rng.sample(range(len(PLAIN)), 4)]
+        sequence.append(f"g{last}")
+        rows += [(f"u{u}", item, float(t)) for t, item in enumerate(sequence)]
+    write_catalog(items, folder / "catalog.jsonl")
+    write_interactions(rows, folder / "interactions.jsonl")
+    return folder
+
+
+def open_tiny(folder: Path, calibration: str = "contextual") -> Ranker:
+    lm = load_model(str(folder))
+    return Ranker(BlockEngine(lm), PromptBuilder(lm.tokenizer), calibration=calibration)
+
+
+@pytest.fixture(scope="module")
+def random_ranker(tiny_models) -> Ranker:
+    return open_tiny(tiny_models["llama"])
+
+
+@pytest.fixture(scope="module")
+def synthetic_cases() -> list[PromptCase]:
+    return sample_cases(make_synthetic(), n_prompts=12, history=5, candidates=5, seed=0)
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+
+def test_sample_cases_are_the_leave_one_out_requests_with_the_held_out_slot():
+    data = load_ml100k_recbole()
+    cases = sample_cases(data, n_prompts=3, history=20, candidates=20, seed=0)
+    requests = sample_requests(data, 3, history=20, candidates=20, seed=0)
     assert len(cases) == 3
-    assert all(len(c.history) == 20 and len(c.candidates) == 20 for c in cases)
+    for case, request in zip(cases, requests):
+        assert case.history == [item_text(data.items[i]) for i in request.history] and len(case.history) == 20
+        assert case.candidates == [item_text(data.items[i]) for i in request.candidates]
+        assert case.candidates[case.positive] == item_text(data.items[request.positive])
 
 
-def test_full_policy_passes_the_gate_exactly(ranker, cases):
-    report = run_check(ranker, cases, "full", "tiny-qwen3")
+def test_sample_cases_take_any_dataset_the_other_commands_take(golden_data):
+    cases = sample_cases(load_dataset(str(golden_data)), n_prompts=5, history=3, candidates=5, seed=0)
+    assert len(cases) == 5
+    for case in cases:
+        assert [c for c in case.candidates if "Golden" in c] == [case.candidates[case.positive]]
+        assert len(case.history) == 3 and not any("Golden" in h for h in case.history)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 26])
+def test_rotation_moves_every_candidate_to_another_slot(n):
+    for seed in range(10):
+        perm = rotation(n, random.Random(seed))
+        assert sorted(perm) == list(range(n)) and all(perm[j] != j for j in range(n))
+
+
+# --- one policy ---------------------------------------------------------------------------------
+
+
+def test_full_policy_passes_the_gate_exactly(random_ranker, synthetic_cases):
+    report = run_check(random_ranker, synthetic_cases, "full", "tiny-llama")
     assert report.max_abs_logit_diff <= 1e-4
     assert report.full_vs_stock_max_abs_logit_diff <= 1e-4
     assert report.top1_agree == 1.0 and report.kendall_tau == pytest.approx(1.0) and report.kl < 1e-8
@@ -41,28 +188,210 @@ def test_full_policy_passes_the_gate_exactly(ranker, cases):
     assert report.failures == []
 
 
-def test_gate_fails_a_policy_below_the_thresholds(ranker, cases):
-    report = run_check(ranker, cases, "none", "tiny-qwen3", min_top1=1.01, min_tau=1.01, max_kl=-1.0)
-    assert report.max_abs_logit_diff > 0
+def test_realistic_thresholds_separate_full_from_reuse_without_correction(random_ranker, synthetic_cases):
+    """At the defaults (top-1 >= 0.9, tau >= 0.9, KL <= 0.05), reuse without correction changes
+    this model's answer on too many prompts, and full prefill does not."""
+    none = run_check(random_ranker, synthetic_cases, "none", "tiny-llama")
+    assert none.top1_agree < 0.75 and none.max_abs_logit_diff > 1e-3
+    assert f"top-1 agreement {none.top1_agree:.3f} < 0.9" in none.failures
+    assert run_check(random_ranker, synthetic_cases, "full", "tiny-llama").failures == []
+
+
+def test_gate_fails_a_policy_below_each_threshold(random_ranker, synthetic_cases):
+    report = run_check(random_ranker, synthetic_cases, "none", "tiny-llama", min_top1=1.01, min_tau=1.01, max_kl=-1.0)
     assert report.recomputed_fraction < 0.5
-    assert any("top-1 agreement" in f for f in report.failures)
-    assert any("Kendall tau" in f for f in report.failures)
-    assert any("KL" in f for f in report.failures)
+    assert any(f.startswith("top-1 agreement") for f in report.failures)
+    assert any(f.startswith("Kendall tau") for f in report.failures)
+    assert any(f.startswith("KL") for f in report.failures)
 
 
-def test_content_blindness_is_reported_for_a_label_following_model(ranker):
-    """Identical candidates leave the model nothing but the label to go by: after a shuffle
-    the same label wins, never a particular item by its content."""
-    cases = [PromptCase(["Some film"], [f"Film {i}" for i in range(5)]) for _ in range(2)]
-    report = run_check(ranker, cases, "full", "tiny-qwen3")
-    assert 0.0 <= report.top1_item_stable <= 1.0 and 0.0 <= report.top1_label_stable <= 1.0
-    assert report.label_bias >= 0.5
+def test_a_content_blind_model_is_reported_and_no_cheap_policy_passes_on_it(blind_model, synthetic_cases):
+    ranker = open_tiny(blind_model)
+    report = run_check(ranker, synthetic_cases, "none", "blind")
+    assert report.content_blind
+    assert report.top1_label_stable == 1.0 and report.top1_item_stable == 0.0
+    assert report.label_bias == 1.0  # the raw answer is always the first label
+    assert report.top1_agree == 1.0  # it agrees with itself whatever the cache does...
+    assert any("content-blind" in f for f in report.failures)  # ...and that is not fidelity
+    assert run_check(ranker, synthetic_cases, "full", "blind").failures == []  # exactness still means something
+
+
+def test_a_content_aware_model_is_not_blind_and_its_faithful_reuse_passes(golden_model):
+    ranker = open_tiny(golden_model, calibration="none")
+    cases = [golden_case(random.Random(100 + i)) for i in range(10)]
+    assert [ranker.rank(c.history, c.candidates).order[0] for c in cases] == [c.positive for c in cases]
+    report = run_check(ranker, cases, "none", "golden")
+    assert not report.content_blind
+    assert report.top1_item_stable == 1.0 and report.top1_label_stable == 0.0
+    assert report.label_bias <= 0.4  # the answer moves with the golden title
+    assert report.failures == []
+
+
+# --- the sweep ----------------------------------------------------------------------------------
+
+
+def test_sweep_measures_each_policy_against_the_held_out_item_and_full_prefill(random_ranker, synthetic_cases):
+    sweep = run_sweep(random_ranker, synthetic_cases, ["none", "deviation:1", "none"], seed=0)
+    assert [r.policy for r in sweep.rows] == ["none", "deviation:1", "full"]
+    none, exact, full = sweep.rows
+    full_ranking = [random_ranker.rank(c.history, c.candidates, "full").order for c in synthetic_cases]
+    assert full.hr_at_1 == sum(o[0] == c.positive for o, c in zip(full_ranking, synthetic_cases)) / 12
+    assert full.top1_agree == 1.0 and full.hr_at_1_delta == 0.0 and full.recomputed_fraction == 1.0 and full.speedup == 1.0
+    assert exact.top1_agree == 1.0 and exact.kl < 1e-6  # 2 layers: deviation:1 recomputes every moved token
+    assert none.top1_agree < 0.75 and none.recomputed_fraction < exact.recomputed_fraction < 1.0
+    assert all(r.prefill_ms > 0 for r in sweep.rows)
+    assert sweep.headline == "hr@1" and sweep.prompts == 12 and sweep.candidates == 5
+    # realistic thresholds pass over the cheap unfaithful policy to the faithful one...
+    choice = choose_policy(sweep.rows, Thresholds(), sweep.headline)
+    assert choice.chosen.policy == "deviation:1" and none.pareto and exact.pareto
+    # ...but this random model follows labels, so the gate would not trust either
+    assert sweep.content_blind
+
+
+def test_sweep_refuses_requests_it_cannot_score(random_ranker):
+    with pytest.raises(ValueError, match="held-out item"):
+        run_sweep(random_ranker, [PromptCase(["a"], ["b", "c"])], ["none"])
+    with pytest.raises(ValueError, match="at most 26"):
+        run_sweep(random_ranker, [PromptCase(["a"], [f"film {i}" for i in range(27)], 0)], ["none"])
+    with pytest.raises(ValueError, match="besides full"):
+        run_sweep(random_ranker, [PromptCase(["a"], ["b", "c"], 0)], ["full"])
+
+
+def test_gate_writes_nothing_when_no_cheap_policy_passes(golden_model, golden_data, tmp_path, monkeypatch):
+    """The gate's refusal on a content-aware model whose cheap policies all miss the thresholds
+    (rows given, the decision and the file are what is tested)."""
+    missed = [
+        FrontierRow("none", 0.2, 1.0, -0.4, 0.0, 0.5, 0.3, 0.9, 0.05, 1.0, 8.0),
+        FrontierRow("boundary:2", 0.5, 1.0, -0.1, 0.0, 0.85, 0.8, 0.1, 0.1, 1.5, 5.0),
+        FrontierRow("full", 0.6, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 8.0, 1.0),
+    ]
+    monkeypatch.setattr("rcllm.eval.check.run_sweep", lambda *a, **k: SweepResult(missed, 8, 5, "none", 1.0, 0.0))
+    outcome = run_gate(open_tiny(golden_model), load_dataset(str(golden_data)), GateSettings("golden", prompts=8,
+                       history=3, candidates=5), "golden", tmp_path)
+    assert not outcome.passed and outcome.written is None and list(tmp_path.iterdir()) == []
+    assert outcome.refusal == ("no policy other than full meets the thresholds; the closest, boundary:2, missed by "
+                               "|dHR@1| 0.100 > 0.01; top-1 agreement 0.850 < 0.9")
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def gated_model(golden_model, golden_data, tmp_path_factory):
+    """A copy of the content-aware model after `rcllm check --sweep` chose its policy."""
+    folder = tmp_path_factory.mktemp("gated") / "model"
+    shutil.copytree(golden_model, folder)
+    result = invoke("check", "--sweep", "--model", str(folder), "--dataset", str(golden_data), *SWEEP_ARGS,
+                    "--policies", "deviation:0.5,boundary:3")
+    return folder, result
+
+
+def test_sweep_command_writes_the_cheapest_passing_policy_into_the_model_folder(gated_model, golden_data):
+    folder, result = gated_model
+    assert result.exit_code == 0, result.output
+    record = read_policy_file(folder / POLICY_FILE)
+    assert record["policy"] == "boundary:3"  # both pass; it recomputes less than deviation:0.5
+    assert record["fingerprint"] == load_model(str(folder)).fingerprint
+    assert record["dataset"] == str(golden_data) and record["requests"] == 8 and record["candidates"] == 5
+    assert record["thresholds"] == {"max_hr_delta": 0.01, "min_top1": 0.9, "headline": "hr@1"}
+    assert record["content_probe"]["top1_item_stable"] == 1.0
+    rows = {r["policy"]: r for r in record["frontier"]}
+    assert list(rows) == ["deviation:0.5", "boundary:3", "full"]
+    assert rows["boundary:3"]["top1_agree"] == 1.0 and rows["boundary:3"]["pareto"]
+    assert rows["boundary:3"]["recomputed_fraction"] < rows["deviation:0.5"]["recomputed_fraction"]
+    assert "PASS" in result.output and POLICY_FILE in result.output
+    assert [p.name for p in folder.iterdir() if p.name.startswith(f".{POLICY_FILE}")] == []
+
+
+def test_check_eval_and_serve_default_to_the_gated_policy(gated_model, golden_data, tmp_path):
+    from rcllm.build.pipeline import BuildOptions, build_cache
+    from rcllm.data.formats import write_histories
+    from rcllm.serve.runner import NodeRunner
+
+    folder, _ = gated_model
+    checked = invoke("check", "--model", str(folder), "--dataset", str(golden_data), *SWEEP_ARGS)
+    assert checked.exit_code == 0, checked.output
+    assert "policy boundary:3: gated by `rcllm check --sweep`" in " ".join(checked.output.split())
+
+    out = tmp_path / "eval.json"
+    evaluated = invoke("eval", "--model", str(folder), "--dataset", str(golden_data), "--users", "3",
+                       "--requests-per-user", "1", "--candidates", "5", "--history", "3", "--cache", str(tmp_path / "c"),
+                       "--json", str(out))
+    assert evaluated.exit_code == 0, evaluated.output
+    assert list(json.loads(out.read_text())["systems"]) == [
+        "full", "prefix", "rcllm:boundary:3", "rcllm:deviation:0.15", "rcllm:none"
+    ]
+    assert "gated by `rcllm check --sweep`" in " ".join(evaluated.output.split())
+
+    data = load_dataset(str(golden_data))
+    write_catalog(list(data.items.values()), tmp_path / "catalog.jsonl")
+    write_histories({u: s[:-1] for u, s in data.user_sequences().items()}, tmp_path / "histories.jsonl")
+    build_cache(tmp_path / "catalog.jsonl", BuildOptions(out=tmp_path / "cache", nodes=1, model=str(folder),
+                                                          users=tmp_path / "histories.jsonl", history=3))
+    runner = NodeRunner.open(tmp_path / "cache", 0, hot_bytes=1 << 20)
+    assert runner.policy == "boundary:3" and runner.policy_reason.startswith("gated by")
+    assert runner.state()["policy"] == "boundary:3"
+    given = NodeRunner(runner.ranker, 0, runner.data, runner.source.stores, 1 << 20, policy="none")
+    assert given.policy == "none" and given.policy_reason == "given (--policy)"
+    runner.close()
+
+
+@pytest.mark.slow
+def test_demo_defaults_to_the_gated_policy(gated_model, tmp_path):
+    from rcllm.demo import DemoSettings, run_demo
+
+    folder, _ = gated_model
+    settings = DemoSettings(dataset="bookshop", out=tmp_path / "demo", nodes=1, requests=3, candidates=5, history=3,
+                            model=str(folder))
+    result = run_demo(settings, log=lambda message: None)
+    assert result.policy == "boundary:3" and result.policy_reason.startswith("gated by")
+    assert list(result.systems) == ["full", "prefix", "rcllm:boundary:3"]
+    assert result.exit_codes and all(code == 0 for code in result.exit_codes.values())
+
+
+def test_sweep_command_refuses_a_content_blind_model_and_writes_nothing(blind_model, golden_data):
+    result = invoke("check", "--sweep", "--model", str(blind_model), "--dataset", str(golden_data), *SWEEP_ARGS,
+                    "--policies", "none,boundary:2")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "FAIL the model is content-blind" in text and "no policy file written" in text
+    assert not (blind_model / POLICY_FILE).exists()
+
+
+def test_sweep_command_exits_nonzero_and_names_the_closest_when_none_passes(golden_model, golden_data, tmp_path,
+                                                                              monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(golden_model, folder)
+    missed = [FrontierRow("none", 0.2, 1.0, -0.4, 0.0, 0.5, 0.3, 0.9, 0.05, 1.0, 8.0),
+              FrontierRow("full", 0.6, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 8.0, 1.0)]
+    monkeypatch.setattr("rcllm.eval.check.run_sweep", lambda *a, **k: SweepResult(missed, 8, 5, "none", 1.0, 0.0))
+    result = invoke("check", "--sweep", "--model", str(folder), "--dataset", str(golden_data), *SWEEP_ARGS,
+                    "--policies", "none")
+    assert result.exit_code == 1, result.output
+    assert "the closest, none, missed by" in " ".join(result.output.split())
+    assert not (folder / POLICY_FILE).exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "org/some-model"], "not a local folder"),
+    (["--policy", "none"], "--sweep measures the grid"),
+    (["--policies", "boundary:x"], "--policies: unknown correction policy"),
+    (["--policies", "full"], "no policy besides full"),
+    (["--min-top1", "1.5"], "--min-top1 between 0 and 1"),
+])
+def test_sweep_command_explains_bad_input_before_measuring(args, message, tiny_models, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("check", "--sweep", *(["--model", str(tiny_models["llama"])] if "--model" not in args else []), *args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
 
 
 def test_check_command_prints_the_json_contract(tiny_models):
-    result = CliRunner().invoke(
-        app, ["check", "--model", str(tiny_models["llama"]), "--policy", "full", "--prompts", "2", "--json"]
-    )
+    result = invoke("check", "--model", str(tiny_models["llama"]), "--policy", "full", "--prompts", "2", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert JSON_KEYS <= set(data)
@@ -71,15 +400,13 @@ def test_check_command_prints_the_json_contract(tiny_models):
 
 
 def test_check_command_exits_nonzero_below_threshold(tiny_models):
-    result = CliRunner().invoke(
-        app, ["check", "--model", str(tiny_models["llama"]), "--policy", "none", "--prompts", "2", "--min-top1", "1.01"]
-    )
+    result = invoke("check", "--model", str(tiny_models["llama"]), "--policy", "none", "--prompts", "2", "--min-top1", "1.01")
     assert result.exit_code == 1
     assert "FAIL" in result.stdout
 
 
 def test_check_command_rejects_a_bad_policy_and_a_missing_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = CliRunner().invoke(app, ["check", "--model", str(tmp_path / "nope"), "--policy", "boundary:x"])
+    result = invoke("check", "--model", str(tmp_path / "nope"), "--policy", "boundary:x")
     assert result.exit_code == 2
     assert "error" in result.output

@@ -28,6 +28,7 @@ from rcllm.cli import DATA_DIR_HELP
 
 MODEL_HELP = "Model: the embedded 'smollm2-135m', a local folder, or a Hugging Face id."
 POLICY_HELP = "Correction policy: none | boundary:K | deviation:R | full."
+DATASET_HELP = "ml-1m | ml-100k | synthetic | bookshop (the example in examples/) | a folder with catalog.jsonl and interactions.jsonl."
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -61,33 +62,60 @@ def model_pull(name: str = typer.Argument("smollm2-135m", help="Embedded model t
 @app.command()
 def check(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-    policy: str = typer.Option("boundary:2", help=POLICY_HELP),
-    prompts: int = typer.Option(20, min=1, help="Number of sample ranking prompts."),
+    policy: Optional[str] = typer.Option(
+        None, help=POLICY_HELP + " Default: the model's gated policy (its rcllm-policy.json), else boundary:2."
+    ),
+    sweep: bool = typer.Option(
+        False, "--sweep", help="Measure the fidelity/speed frontier of a grid of policies on held-out requests and "
+        "write the cheapest one that meets --max-hr-delta and --min-top1 into the model's folder (rcllm-policy.json), "
+        "where serve, eval and demo find it. Exits 1 without writing on a content-blind model or when no cheap "
+        "policy passes.",
+    ),
+    dataset: str = typer.Option("ml-100k", help="Where the prompts come from (leave-one-out requests): " + DATASET_HELP),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    policies: Optional[str] = typer.Option(
+        None, help="With --sweep: the policies to measure, comma-separated; full is always measured as the "
+        "reference. Default: none and a few boundary:K and deviation:R (rcllm.eval.check.DEFAULT_SWEEP)."
+    ),
+    prompts: int = typer.Option(20, min=1, help="Number of sample ranking prompts (held-out requests)."),
     history: int = typer.Option(20, min=0, help="History items per prompt."),
     candidates: int = typer.Option(20, min=2, max=26, help="Candidates per prompt."),
     calibration: str = typer.Option("contextual", help="Label-bias correction: contextual | none."),
+    max_hr_delta: float = typer.Option(
+        0.01, help="With --sweep: largest |change of HR@10| against full prefill a policy may show (HR@1 when "
+        "--candidates <= 10, where HR@10 is 1 for any ranking)."
+    ),
     min_top1: float = typer.Option(0.9, help="Fail below this top-1 agreement with full prefill."),
-    min_tau: float = typer.Option(0.9, help="Fail below this mean Kendall tau with full prefill."),
-    max_kl: float = typer.Option(0.05, help="Fail above this mean KL(full || policy) of label distributions."),
-    max_logit_diff: float = typer.Option(1e-3, help="Fail if full prefill (or policy full) differs by more."),
+    min_tau: float = typer.Option(0.9, help="Fail below this mean Kendall tau with full prefill (one policy)."),
+    max_kl: float = typer.Option(0.05, help="Fail above this mean KL(full || policy) of label distributions (one policy)."),
+    max_logit_diff: float = typer.Option(1e-3, help="Fail if full prefill (or policy full) differs by more (one policy)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16."),
-    seed: int = typer.Option(0, help="Seed for prompt sampling and shuffles."),
+    seed: int = typer.Option(0, help="Seed for prompt sampling and the candidate rotations."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Correctness gate: a policy's fidelity to full prefill on sample ml-100k ranking prompts."""
-    from rcllm.data.movielens import load_ml100k_recbole
+    """Correctness gate: one policy's fidelity to full prefill, or (--sweep) the frontier of a grid
+    of policies and the model's default policy chosen from it."""
+    from rcllm.data.loaders import load_dataset
     from rcllm.engine import open_ranker
-    from rcllm.engine.check import run_check, sample_cases
+    from rcllm.engine.model_policy import default_policy
     from rcllm.engine.models import UnsupportedModelError
+    from rcllm.eval.check import run_check, sample_cases
 
+    if sweep:
+        if policy is not None:
+            _fail("--policy names one policy to check; --sweep measures the grid given by --policies")
+        _check_sweep(model, dataset, data_dir, policies, prompts, history, candidates, calibration, max_hr_delta,
+                     min_top1, device, dtype, seed, threads, as_json)
+        return
     _set_threads(threads)
     try:
         ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration)
-        cases = sample_cases(load_ml100k_recbole(), prompts, history, candidates, seed)
+        chosen = default_policy(ranker.engine.lm.path, ranker.engine.lm.fingerprint) if policy is None else None
+        cases = sample_cases(load_dataset(dataset, data_dir=data_dir), prompts, history, candidates, seed)
         report = run_check(
-            ranker, cases, policy, model, seed=seed, min_top1=min_top1, min_tau=min_tau,
+            ranker, cases, policy or chosen.policy, model, seed=seed, min_top1=min_top1, min_tau=min_tau,
             max_kl=max_kl, max_full_diff=max_logit_diff,
         )
     except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
@@ -96,7 +124,9 @@ def check(
     if as_json:
         print(json.dumps(data))
     else:
-        table = Table(title=f"rcllm check: {model}, policy {report.policy}, {report.prompts} prompts")
+        if chosen is not None:
+            console.print(f"[dim]policy {chosen.policy}: {chosen.reason}[/]")
+        table = Table(title=f"rcllm check: {model}, policy {report.policy}, {report.prompts} prompts of {dataset}")
         table.add_column("measure")
         table.add_column("value", justify="right")
         for key, value in data.items():
@@ -104,18 +134,106 @@ def check(
                 continue
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         console.print(table)
-        if report.content_blind:
-            console.print(
-                "[yellow]warning:[/] the model's answer follows the label, not the candidates "
-                f"(best label kept on shuffle {report.top1_label_stable:.0%}, best item {report.top1_item_stable:.0%}): "
-                "agreement figures on it say nothing about fidelity. Fine-tune it (rcllm finetune) first."
-            )
         for failure in report.failures:
             console.print(f"[red]FAIL[/] {failure}")
         if not report.failures:
             console.print("[green]PASS[/]")
     if report.failures:
         raise typer.Exit(1)
+
+
+def _check_sweep(model, dataset, data_dir, policies, prompts, history, candidates, calibration, max_hr_delta,
+                 min_top1, device, dtype, seed, threads, as_json) -> None:
+    """``rcllm check --sweep``: refuse what cannot be written before anything is measured."""
+    from rich.progress import Progress
+
+    from rcllm.data.loaders import load_dataset
+    from rcllm.engine import open_ranker
+    from rcllm.engine.model_policy import model_folder
+    from rcllm.engine.models import UnsupportedModelError
+    from rcllm.eval.check import DEFAULT_SWEEP, GateSettings, Thresholds, run_gate
+
+    from rcllm.engine.policy import parse_policy
+
+    folder = model_folder(model)
+    if folder is None:
+        _fail(
+            f"--sweep writes the chosen policy into the model's folder, and {model!r} is not a local folder: "
+            f"download it into one first (e.g. `huggingface-cli download {model} --local-dir DIR`) and pass --model DIR"
+        )
+    if max_hr_delta < 0 or not 0 <= min_top1 <= 1:
+        _fail("--max-hr-delta must be >= 0 and --min-top1 between 0 and 1")
+    try:
+        grid = DEFAULT_SWEEP if policies is None else tuple(str(parse_policy(p)) for p in policies.split(",") if p.strip())
+    except ValueError as e:
+        _fail(f"--policies: {e}")
+    if not any(p != "full" for p in grid):
+        _fail("--policies names no policy besides full, the reference: nothing to choose from")
+    settings = GateSettings(
+        dataset=dataset, prompts=prompts, history=history, candidates=candidates, seed=seed, policies=grid,
+        thresholds=Thresholds(max_hr_delta=max_hr_delta, min_top1=min_top1),
+    )
+    _set_threads(threads)
+    try:
+        ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration)
+        data = load_dataset(dataset, data_dir=data_dir)
+        if folder.exists() and not os.access(folder, os.W_OK):
+            raise ValueError(f"{folder} is not writable: the chosen policy could not be written there")
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task(f"sweeping {len(settings.policies)} policies + full", total=None)
+            outcome = run_gate(ranker, data, settings, model, folder,
+                               progress=lambda done, total: progress.update(task, completed=done, total=total))
+    except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps({
+            "model": model, "dataset": data.name, "requests": outcome.sweep.prompts,
+            "candidates": outcome.sweep.candidates, "headline": outcome.sweep.headline,
+            "content_blind": outcome.sweep.content_blind, "top1_item_stable": outcome.sweep.top1_item_stable,
+            "top1_label_stable": outcome.sweep.top1_label_stable,
+            "chosen": outcome.choice.chosen.policy if outcome.passed else None,
+            "refusal": outcome.refusal, "written": str(outcome.written) if outcome.written else None,
+            "frontier": [asdict(r) for r in outcome.sweep.rows],
+        }))
+    else:
+        _print_sweep(outcome, settings, model, data.name)
+    if not outcome.passed:
+        raise typer.Exit(1)
+
+
+def _print_sweep(outcome, settings, model: str, dataset: str) -> None:
+    from rcllm.eval.check import gate_failures
+
+    sweep, t = outcome.sweep, settings.thresholds
+    k = sweep.headline
+    table = Table(title=f"rcllm check --sweep: {model}, {sweep.prompts} held-out requests of {dataset}, "
+                        f"{sweep.candidates} candidates (label-bias correction: {sweep.calibration})")
+    for column in ("policy", "HR@1", "HR@10", f"d{k.upper()}", "top-1 agree", "tau", "KL", "recomputed",
+                   "prefill ms", "vs full", "front", "gate"):
+        table.add_column(column, justify="left" if column in ("policy", "gate") else "right")
+    chosen = outcome.choice.chosen.policy if outcome.choice.chosen else None
+    for r in sweep.rows:
+        failures = gate_failures(r, t, k)
+        verdict = "reference" if r.policy == "full" else ("pass" if not failures else "; ".join(failures))
+        name = f"[bold green]{r.policy}[/] *" if r.policy == chosen and outcome.passed else r.policy
+        table.add_row(
+            name, f"{r.hr_at_1:.3f}", f"{r.hr_at_10:.3f}", f"{r.delta(k):+.3f}", f"{r.top1_agree:.3f}",
+            f"{r.kendall_tau:.3f}", f"{r.kl:.4f}", f"{r.recomputed_fraction:.0%}", f"{r.prefill_ms:.1f}",
+            f"{r.speedup:.2f}x", "yes" if r.pareto else "", verdict,
+        )
+    console.print(table)
+    console.print(
+        f"[dim]thresholds: |d{k.upper()}| <= {t.max_hr_delta:g}, top-1 agreement >= {t.min_top1:g}; front: no other "
+        "policy is as faithful (top-1, dHR, KL) for less recomputed; content probe: after rotating the candidates the best "
+        f"item stayed on top in {sweep.top1_item_stable:.0%} of requests, the best label in {sweep.top1_label_stable:.0%}[/]"
+    )
+    if outcome.passed:
+        console.print(f"[green]PASS[/] {chosen} is the cheapest policy that meets the thresholds; written to "
+                      f"{outcome.written} (serve, eval and demo use it for this model unless told otherwise)")
+    else:
+        console.print(f"[red]FAIL[/] {outcome.refusal}; no policy file written")
 
 
 @app.command()
@@ -130,7 +248,9 @@ def demo(
     nodes: int = typer.Option(2, min=1, max=8, help="Nodes to shard the item blocks over (one process each)."),
     requests: int = typer.Option(24, min=1, help="Ranking requests, one per sampled user (leave-one-out)."),
     candidates: int = typer.Option(10, min=2, max=26, help="Candidates per request: the held-out item + negatives."),
-    policy: str = typer.Option("boundary:2", help=POLICY_HELP),
+    policy: Optional[str] = typer.Option(
+        None, help=POLICY_HELP + " Default: the model's gated policy (its rcllm-policy.json), else boundary:2."
+    ),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     concurrency: int = typer.Option(2, min=1, help="Requests in flight at once."),
     show: int = typer.Option(3, min=0, help="Users whose history and top-5 are printed."),
@@ -159,7 +279,7 @@ def demo(
 
 def _print_demo(result, settings, show: int) -> None:
     items = result.dataset.items
-    served = result.systems[f"rcllm:{settings.policy}"]
+    served = result.systems[f"rcllm:{result.policy}"]
     for req, ranking in list(zip(result.requests, served.rankings))[:show]:
         console.print(f"\n[bold]user {req.user_id}[/] recently chose: " + "; ".join(items[i]["title"] for i in req.history[-5:]))
         for place, item_id in enumerate(ranking[:5], start=1):
@@ -178,6 +298,7 @@ def _print_demo(result, settings, show: int) -> None:
                       f"{base / t['mean']:.2f}x", e2e)
     console.print(table)
     f, h = result.fidelity, result.hit_ratio
+    console.print(f"rcllm's policy {result.policy}: {result.policy_reason}")
     console.print(
         f"rcllm vs full prefill: top-1 agreement {f['top1_agree']:.2f}, Kendall tau {f['kendall_tau']:.2f}; "
         f"recomputed {f['recomputed_fraction']:.0%} of prompt tokens."
@@ -326,7 +447,6 @@ def cache_add_node_command(
 
 data_app = typer.Typer(help="Datasets in rcllm's formats.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-DATASET_HELP = "ml-1m | ml-100k | synthetic | bookshop (the example in examples/) | a folder with catalog.jsonl and interactions.jsonl."
 
 
 @data_app.command("prepare")
@@ -357,8 +477,9 @@ def eval_command(
     candidates: int = typer.Option(20, min=2, help="Candidates per request: the positive plus C-1 negatives."),
     history: int = typer.Option(20, min=0, help="History items per request (most recent)."),
     negatives: str = typer.Option("popularity", help="Negative sampling: popularity | uniform."),
-    systems: str = typer.Option(
-        "full,prefix,rcllm:boundary:2,rcllm:deviation:0.15,rcllm:none", help="Systems to compare, comma-separated."
+    systems: Optional[str] = typer.Option(
+        None, help="Systems to compare, comma-separated: full, prefix, rcllm:POLICY. Default: full, prefix, rcllm "
+        "with the model's gated policy (its rcllm-policy.json, else boundary:2), rcllm:deviation:0.15, rcllm:none.",
     ),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     cache: Optional[Path] = typer.Option(None, help="Block cache to use (default: built or reused under the user cache)."),
@@ -383,7 +504,8 @@ def eval_command(
     from rcllm.data.loaders import load_dataset
     from rcllm.engine import open_ranker
     from rcllm.eval.report import plot_result, print_result
-    from rcllm.eval.runner import EvalSettings, prepare_block_source, run_eval, sample_eval_requests
+    from rcllm.engine.model_policy import default_policy
+    from rcllm.eval.runner import EvalSettings, default_systems, prepare_block_source, run_eval, sample_eval_requests
 
     _set_threads(threads)
     settings = EvalSettings(
@@ -391,11 +513,17 @@ def eval_command(
         negatives=negatives, seed=seed, hot_tier_bytes=hot_tier_mb << 20,
     )
     if endpoint is not None:
+        if systems is None:
+            _fail("with --endpoint, name the systems to run (--systems): the servers' model and its policy are theirs")
         result = _eval_endpoint(endpoint, dataset, data_dir, systems, settings, concurrency, token)
     else:
         try:
             data = load_dataset(dataset, data_dir=data_dir)
             ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration)
+            if systems is None:
+                chosen = default_policy(ranker.engine.lm.path, ranker.engine.lm.fingerprint)
+                systems = default_systems(chosen.policy)
+                console.print(f"[dim]policy {chosen.policy}: {chosen.reason}[/]")
             requests = sample_eval_requests(data, settings)
             with Progress(console=err, transient=True) as progress:
                 source = prepare_block_source(ranker, data, settings, cache, progress=progress, requests=requests)

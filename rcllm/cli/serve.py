@@ -30,7 +30,10 @@ def serve(
     port: Optional[int] = typer.Option(None, help="Port (default: the manifest's port for this node; 0: any free port)."),
     model: Optional[str] = typer.Option(None, help="Model folder or name (default: the one the cache was built with)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    policy: str = typer.Option("boundary:2", help="Default correction policy: none | boundary:K | deviation:R | full."),
+    policy: Optional[str] = typer.Option(
+        None, help="Policy for requests that name none: none | boundary:K | deviation:R | full. Default: the model's "
+        "gated policy (rcllm-policy.json in its folder, written by rcllm check --sweep), else boundary:2.",
+    ),
     hot_mb: float = typer.Option(256.0, help="Memory budget of the hot block tier, MiB."),
     max_queue: int = typer.Option(64, min=1, help="Requests waiting for the engine before the node answers 503."),
     max_batch: int = typer.Option(
@@ -46,7 +49,7 @@ def serve(
 ) -> None:
     """Serve one node: its item blocks, the replicated history blocks, and the ranking engine."""
     from rcllm.engine.policy import parse_policy
-    from rcllm.serve.http import parse_address, serve_until_signalled, setup_logging
+    from rcllm.serve.http import event, parse_address, serve_until_signalled, setup_logging
     from rcllm.serve.node import NodeServer
     from rcllm.serve.runner import NodeRunner
     from rcllm.store import IncompatibleCacheError, Manifest
@@ -58,7 +61,8 @@ def serve(
 
         torch.set_num_threads(threads)
     try:
-        parse_policy(policy)
+        if policy is not None:
+            parse_policy(policy)
         manifest = Manifest.load(cache)
         runner = NodeRunner.open(cache, node, hot_bytes=int(hot_mb * 2**20), policy=policy, model=model, device=device)
     except (FileNotFoundError, IncompatibleCacheError, ValueError) as e:
@@ -75,6 +79,7 @@ def serve(
         urls = {k: f"http://{a}" for k, a in enumerate(addresses)}
     else:
         urls = {n["node"]: f"http://{n['host']}:{n['port']}" for n in manifest.nodes}
+    event("default policy", policy=runner.policy, reason=runner.policy_reason)
     server = NodeServer(runner, {k: u for k, u in urls.items() if k != node}, token=token, max_queue=max_queue,
                         max_batch=max_batch)
     listen = manifest.nodes[node]["port"] if port is None else port

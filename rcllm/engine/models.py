@@ -41,6 +41,7 @@ __all__ = [
     "ModelNotFoundError",
     "UnsupportedModelError",
     "check_supported",
+    "embedded_dir",
     "load_model",
     "pull_embedded",
     "resolve_model",
@@ -222,6 +223,11 @@ def _is_complete(folder: Path) -> bool:
     return (folder / _COMPLETE_MARKER).is_file()
 
 
+def embedded_dir(name: str) -> Path:
+    """Where the converted folder of embedded model ``name`` lives (whether or not it exists yet)."""
+    return user_cache_dir() / "models" / name
+
+
 def pull_embedded(name: str = "smollm2-135m", progress: bool = True) -> Path:
     """The converted folder of an embedded model, converting it the first time.
 
@@ -231,8 +237,8 @@ def pull_embedded(name: str = "smollm2-135m", progress: bool = True) -> Path:
     """
     if name not in EMBEDDED_MODELS:
         raise ModelNotFoundError(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED_MODELS)}")
-    models_dir = user_cache_dir() / "models"
-    target = models_dir / name
+    target = embedded_dir(name)
+    models_dir = target.parent
     if _is_complete(target):
         return target
 

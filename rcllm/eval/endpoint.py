@@ -26,7 +26,7 @@ import aiohttp
 from rcllm.data.dataset import Dataset
 from rcllm.data.sampling import RankingRequest
 from rcllm.engine.ranker import Ranking
-from rcllm.eval.runner import EvalSettings, _percentiles, assemble_result, sample_eval_requests
+from rcllm.eval.runner import EvalSettings, assemble_result, percentiles, sample_eval_requests
 from rcllm.eval.systems import parse_systems
 from rcllm.serve.client import RecommendClient, ServiceError, send_all
 from rcllm.serve.schema import Candidate, RecommendRequest, RecommendResponse
@@ -199,7 +199,7 @@ def run_endpoint_eval(
             )
         rankings[name] = answers
         extra[name] = {
-            "latency_ms": _percentiles(latencies),
+            "latency_ms": percentiles(latencies),
             "throughput_rps": len(latencies) / wall_s,
             "errors": len(failures),
             "nodes": {str(k): n for k, n in sorted(nodes.items())},

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rcllm.data.dataset import Dataset
 from rcllm.data.sampling import RankingRequest, sample_requests
+from rcllm.engine.policy import parse_policy
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import BlockSource, Ranker, Ranking
 from rcllm.eval.metrics import kendall_tau, kl_divergence, popularity_ranking, random_expectation, rank_of, summarize
@@ -26,6 +27,13 @@ class EvalSettings:
     hot_tier_bytes: int = 256 << 20  # rcllm's in-memory tier; the prefix cache gets the same budget
 
 
+def default_systems(policy: str) -> str:
+    """What ``rcllm eval`` compares when not told: full prefill, prefix caching, rcllm with the
+    model's policy, and two cheaper rcllm policies for contrast."""
+    names = ["full", "prefix", f"rcllm:{parse_policy(policy)}", "rcllm:deviation:0.15", "rcllm:none"]
+    return ",".join(dict.fromkeys(names))
+
+
 def sample_eval_requests(dataset: Dataset, settings: EvalSettings) -> list[RankingRequest]:
     """The seeded, interleaved request stream every system runs on."""
     return sample_requests(
@@ -34,7 +42,8 @@ def sample_eval_requests(dataset: Dataset, settings: EvalSettings) -> list[Ranki
     )
 
 
-def _percentiles(values: Sequence[float]) -> dict[str, float]:
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """Mean, p50, p90 and p99 of latencies, keyed as in the eval JSON."""
     ordered = sorted(values)
 
     def pct(p: float) -> float:
@@ -43,7 +52,9 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(ordered), "p50": pct(50), "p90": pct(90), "p99": pct(99)}
 
 
-def _fidelity(full: list[Ranking], other: list[Ranking], full_ranks: list[int], ranks: list[int]) -> dict[str, float]:
+def fidelity(full: list[Ranking], other: list[Ranking], full_ranks: list[int], ranks: list[int]) -> dict[str, float]:
+    """How closely ``other``'s rankings follow full prefill's on the same requests (the eval JSON's
+    ``fidelity``); ``ranks``: where each ranking put the held-out item."""
     n = len(full)
     hr = lambda rs, k: sum(r < k for r in rs) / len(rs)  # noqa: E731
     return {
@@ -60,7 +71,7 @@ def _system_summary(rankings: list[Ranking], ranks: list[int]) -> dict:
     item_lookups = sum(r.item_hits + r.item_misses for r in rankings)
     user_known = [r.user_hit for r in rankings if r.user_hit is not None]
     return {
-        "ttft_ms": _percentiles([r.ttft_ms for r in rankings]),
+        "ttft_ms": percentiles([r.ttft_ms for r in rankings]),
         **summarize(ranks),
         "hit_ratio": {
             "user": sum(user_known) / len(user_known) if user_known else 0.0,
@@ -158,7 +169,7 @@ def assemble_result(
             both = [i for i in kept if rankings["full"][i] is not None]
             if not both:
                 raise ValueError(f"{name}: no request answered by both it and full, so no fidelity to measure")
-            summary["fidelity"] = _fidelity(
+            summary["fidelity"] = fidelity(
                 [rankings["full"][i] for i in both], [rankings[name][i] for i in both],
                 [ranks["full"][i] for i in both], [ranks[name][i] for i in both],
             )

@@ -20,6 +20,8 @@ from rcllm.data.catalog import load_catalog
 from rcllm.data.formats import load_histories
 from rcllm.engine.api import DTYPES, open_ranker
 from rcllm.engine.blocks import BlockKV
+from rcllm.engine.model_policy import default_policy
+from rcllm.engine.policy import parse_policy
 from rcllm.engine.prompt import PromptTemplate, item_text
 from rcllm.engine.ranker import Ranker
 from rcllm.serve.costs import EWMA, CostModel, kv_bytes_per_token
@@ -74,12 +76,18 @@ class NodeRunner:
 
     def __init__(
         self, ranker: Ranker, node: int, data: NodeData, stores: list[BlockStore], hot_bytes: int,
-        policy: str = "boundary:2",
+        policy: str | None = None,
     ):
+        """``policy``: what requests that name none get; None: the model's gated policy
+        (:func:`~rcllm.engine.model_policy.default_policy`), and ``policy_reason`` says which."""
         self.ranker, self.node, self.data = ranker, node, data
         self.directory = data.directory
         self.history_len = int(data.manifest.users.get("history", 20))
-        self.policy = policy
+        if policy is None:
+            chosen = default_policy(ranker.engine.lm.path, ranker.engine.lm.fingerprint)
+            self.policy, self.policy_reason = chosen.policy, chosen.reason
+        else:
+            self.policy, self.policy_reason = str(parse_policy(policy)), "given (--policy)"
         self.source = TieredBlockSource(ranker, stores, hot_bytes)
         # the compute rate's first estimate: the block context computed again, now that the
         # first forward (lazy initialisation, allocations) is behind us
@@ -97,7 +105,7 @@ class NodeRunner:
 
     @classmethod
     def open(
-        cls, cache_dir: Path, node: int, hot_bytes: int, policy: str = "boundary:2", model: str | None = None,
+        cls, cache_dir: Path, node: int, hot_bytes: int, policy: str | None = None, model: str | None = None,
         device: str = "cpu",
     ) -> "NodeRunner":
         data = NodeData.load(cache_dir)
@@ -154,6 +162,7 @@ class NodeRunner:
         replicas = [directory.ids[r] for r in rows if r is not None and directory.owner[r] != node]
         return {
             "node": node,
+            "policy": self.policy,
             "service_ms": round(self.service_ms, 3),
             "requests": self.requests,
             "costs": self.costs.to_dict(),

@@ -1,0 +1,120 @@
+"""The correction policy a model is served with when nobody names one.
+
+``rcllm check --sweep`` measures a model's fidelity/speed frontier on held-out requests and
+writes the cheapest policy that passed its gate into the model's folder, as ``rcllm-policy.json``
+(the embedded model's folder is its converted copy in the user cache). ``serve``, ``eval``,
+``demo`` and ``check`` read it from there; a model without that file, a hub id (no folder of
+ours to read), or a file measured on other weights gets :data:`FALLBACK_POLICY`, and the reason
+says which case it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rcllm.engine.models import EMBEDDED_MODELS, embedded_dir
+from rcllm.engine.policy import parse_policy
+
+POLICY_FILE = "rcllm-policy.json"
+FALLBACK_POLICY = "boundary:2"
+REQUIRED_KEYS = ("policy", "fingerprint", "dataset", "requests", "date", "thresholds", "frontier")
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    policy: str
+    gated: bool  # True when it comes from the model's policy file
+    reason: str  # one line for the user: where the policy comes from
+
+    def __str__(self) -> str:
+        return f"{self.policy} ({self.reason})"
+
+
+def model_folder(model: str | os.PathLike) -> Path | None:
+    """The local folder a model name stands for, without converting or downloading anything:
+    an embedded model's converted folder, an existing folder; None for anything else (a hub id)."""
+    name = os.fspath(model)
+    if name in EMBEDDED_MODELS:
+        return embedded_dir(name)
+    folder = Path(name).expanduser()
+    return folder.resolve() if folder.is_dir() else None
+
+
+def read_policy_file(path: Path) -> dict:
+    """The record of a policy file; a file that is not one is an error naming it (it was written
+    atomically, so a broken one was edited by hand)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable policy file ({e}); delete it or rerun `rcllm check --sweep`") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: not a policy file (a JSON object expected); delete it or rerun `rcllm check --sweep`")
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)}; delete it or rerun `rcllm check --sweep`")
+    try:
+        parse_policy(record["policy"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; delete it or rerun `rcllm check --sweep`") from e
+    return record
+
+
+def default_policy(model: str | os.PathLike, fingerprint: str | None = None) -> ModelPolicy:
+    """The policy ``model`` is served with by default: the one in its folder's policy file, else
+    :data:`FALLBACK_POLICY`. With ``fingerprint`` (the loaded model's), a file measured on other
+    weights is not used."""
+    folder = model_folder(model)
+    if folder is None:
+        return ModelPolicy(
+            FALLBACK_POLICY, False, f"the default: {os.fspath(model)} is not a local folder, so it has no {POLICY_FILE}"
+        )
+    path = folder / POLICY_FILE
+    if not path.is_file():
+        return ModelPolicy(
+            FALLBACK_POLICY, False, f"the default: no {POLICY_FILE} in {folder} (`rcllm check --sweep` measures one)"
+        )
+    record = read_policy_file(path)
+    if fingerprint is not None and record["fingerprint"] != fingerprint:
+        return ModelPolicy(
+            FALLBACK_POLICY, False,
+            f"the default: {path} was measured on other weights (fingerprint {str(record['fingerprint'])[:12]}, "
+            f"this model {fingerprint[:12]}); rerun `rcllm check --sweep`",
+        )
+    return ModelPolicy(
+        str(parse_policy(record["policy"])), True,
+        f"gated by `rcllm check --sweep` on {record['dataset']}, {record['requests']} requests, "
+        f"{str(record['date'])[:10]}: {path}",
+    )
+
+
+def write_policy_file(folder: Path, record: dict) -> Path:
+    """Write ``record`` as ``folder/rcllm-policy.json``: to a temporary file, fsynced, renamed over
+    the old one, so a reader sees the old file or the new one, never half of one."""
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"a policy record needs {', '.join(missing)}")
+    parse_policy(record["policy"])
+    folder = Path(folder)
+    path = folder / POLICY_FILE
+    fd, tmp = tempfile.mkstemp(prefix=f".{POLICY_FILE}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp made it private; a model folder may be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+    return path
