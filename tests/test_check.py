@@ -374,6 +374,13 @@ def test_sweep_command_exits_nonzero_and_names_the_closest_when_none_passes(gold
     assert result.exit_code == 1, result.output
     assert "the closest, none, missed by" in " ".join(result.output.split())
     assert not (folder / POLICY_FILE).exists()
+    (folder / POLICY_FILE).write_text("{}")  # an earlier sweep's file: kept, and the user is told
+    again = invoke("check", "--sweep", "--model", str(folder), "--dataset", str(golden_data), *SWEEP_ARGS,
+                   "--policies", "none")
+    assert again.exit_code == 1 and (folder / POLICY_FILE).read_text() == "{}"
+    assert f"the one from an earlier sweep, {folder.resolve() / POLICY_FILE}, is left as it was" in " ".join(
+        again.output.split()
+    )
 
 
 @pytest.mark.parametrize("args, message", [

@@ -198,12 +198,13 @@ def _check_sweep(model, dataset, data_dir, policies, prompts, history, candidate
             "frontier": [asdict(r) for r in outcome.sweep.rows],
         }))
     else:
-        _print_sweep(outcome, settings, model, data.name)
+        _print_sweep(outcome, settings, model, data.name, folder)
     if not outcome.passed:
         raise typer.Exit(1)
 
 
-def _print_sweep(outcome, settings, model: str, dataset: str) -> None:
+def _print_sweep(outcome, settings, model: str, dataset: str, folder: Path) -> None:
+    from rcllm.engine.model_policy import FALLBACK_POLICY, POLICY_FILE
     from rcllm.eval.check import gate_failures
 
     sweep, t = outcome.sweep, settings.thresholds
@@ -233,7 +234,12 @@ def _print_sweep(outcome, settings, model: str, dataset: str) -> None:
         console.print(f"[green]PASS[/] {chosen} is the cheapest policy that meets the thresholds; written to "
                       f"{outcome.written} (serve, eval and demo use it for this model unless told otherwise)")
     else:
-        console.print(f"[red]FAIL[/] {outcome.refusal}; no policy file written")
+        console.print(f"[red]FAIL[/] {outcome.refusal}")
+        earlier = folder / POLICY_FILE
+        console.print("no policy file written" + (
+            f"; the one from an earlier sweep, {earlier}, is left as it was (delete it to serve {FALLBACK_POLICY})"
+            if earlier.exists() else ""
+        ))
 
 
 @app.command()
