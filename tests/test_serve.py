@@ -1,8 +1,10 @@
-"""Serving: the request schema, routing, replication and cost model as plain functions; then a
-real cluster (3 ``rcllm serve`` processes and an ``rcllm coordinator`` on loopback, tiny random
-model, token auth on) answering a seeded stream exactly like the in-process engine while a node
-is SIGKILLed and restarted, 32 concurrent clients, bad requests, metrics, replication and a
-graceful SIGTERM.
+"""Serving: the request schema, routing, replication and cost model as plain functions; the
+coordinator in this process in front of scripted nodes (a node dying or hanging with a request
+in flight, hung polls, every node busy); a node in this process with its engine held by the test
+(503 beyond max_queue, the drain on SIGTERM/SIGINT); then a real cluster (3 ``rcllm serve``
+processes and an ``rcllm coordinator`` on loopback, tiny random model, token auth on) answering
+a seeded stream exactly like the in-process engine while a node is SIGKILLed and restarted, 32
+concurrent clients, bad requests, metrics, replication and a graceful SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import SimpleNamespace
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 import typer
 from typer.testing import CliRunner
@@ -35,6 +38,7 @@ from rcllm.serve.cluster import ClusterError, LocalCluster, free_port
 from rcllm.serve.coordinator import Coordinator
 from rcllm.serve.costs import CostModel
 from rcllm.serve.directory import ItemDirectory
+from rcllm.serve.http import json_error, serve_until_signalled
 from rcllm.serve.metrics import Registry, parse_text
 from rcllm.serve.replication import HotItems
 from rcllm.serve.routing import HashRing, NodeView, RouteQuery, Router, estimate_ttft_ms
@@ -278,6 +282,156 @@ def test_metrics_render_prometheus_text():
     assert values['lat_ms_bucket{le="+Inf"}'] == 3 and values["lat_ms_count"] == 3 and values["lat_ms_sum"] == 55.5
 
 
+# ---------------------------------------------------------------------------------------------
+# the coordinator in this process, in front of nodes the test scripts
+
+
+async def until(condition, what: str, guard_s: float = 60.0) -> None:
+    """Wait for ``condition()`` (polled on the event loop); ``guard_s`` only stops a hang."""
+
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.wait_for(poll(), guard_s)
+    except asyncio.TimeoutError:
+        pytest.fail(f"never happened: {what}")
+
+
+class ScriptedNode:
+    """A node that answers ``GET /v1/state`` and ``POST /v1/recommend`` as its script says and
+    counts the calls. A script holds one behaviour per call, its last one repeating:
+    "ok"; "hang" (hold the call until ``release`` is set); "drop" (close the connection with the
+    request in flight, as a dying node does); "busy" (503 with Retry-After ``retry_after``)."""
+
+    def __init__(self, node: int, state=("ok",), recommend=("ok",), retry_after: int = 1):
+        self.node, self.scripts, self.retry_after = node, {"state": state, "recommend": recommend}, retry_after
+        self.calls = {"state": 0, "recommend": 0}
+        self.release = asyncio.Event()
+
+    def _next(self, kind: str) -> str:
+        script = self.scripts[kind]
+        self.calls[kind] += 1
+        return script[min(self.calls[kind], len(script)) - 1]
+
+    async def state(self, request: web.Request) -> web.Response:
+        if self._next("state") == "hang":
+            await self.release.wait()
+        return web.json_response({"node": self.node, "queue_depth": 0, "service_ms": 1.0})
+
+    async def recommend(self, request: web.Request) -> web.Response:
+        req = parse_request(await request.read())
+        what = self._next("recommend")
+        if what == "hang":
+            await self.release.wait()
+        if what == "drop":
+            request.transport.close()
+            return web.Response()
+        if what == "busy":
+            return json_error(503, f"node {self.node} is busy", headers={"Retry-After": str(self.retry_after)})
+        stats = CacheStats(user_hit=None, item_hits=0, item_misses=len(req.candidates), recomputed_tokens=1, prompt_tokens=1)
+        n = len(req.candidates)
+        return web.json_response(make_response(req, list(range(n)), [1.0 / n] * n, 1.0, self.node, stats).to_dict())
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/state", self.state)
+        app.router.add_post("/v1/recommend", self.recommend)
+        return app
+
+
+async def with_coordinator(nodes: list[ScriptedNode], body, **options):
+    """Start the scripted nodes and a Coordinator (round-robin: node 0 is tried first) in this
+    process; wait until it sees them up; run ``body(coordinator, url)``; stop everything."""
+    directory = ItemDirectory.from_arrays([str(i) for i in range(6)], [f"k{i}" for i in range(6)], [0, 0, 0, 1, 1, 1],
+                                          [10] * 6, 2)
+    servers = [TestServer(n.app(), host="127.0.0.1") for n in nodes]
+    for server in servers:
+        await server.start_server()
+    coord = Coordinator(directory, [f"127.0.0.1:{s.port}" for s in servers], bytes_per_token=1000,
+                        strategy="round-robin", replicate_every=3600.0, **options)
+    try:
+        async with TestServer(coord.app(), host="127.0.0.1") as front:
+            await until(lambda: all(link.view.up for link in coord.links), "every scripted node up")
+            return await body(coord, str(front.make_url("")))
+    finally:
+        for n in nodes:
+            n.release.set()
+        for server in servers:
+            await server.close()
+
+
+REQUEST = {"user_id": "u", "history": ["0"], "candidates": ["1", "4"]}
+
+
+def retries(coord: Coordinator) -> dict[str, float]:
+    values = parse_text(coord.metrics.render())
+    return {reason: values.get(f'rcllm_retries_total{{reason="{reason}"}}', 0.0)
+            for reason in ("node failed", "node busy", "node error")}
+
+
+@pytest.mark.parametrize("failure", ["drop", "hang"], ids=["dies-mid-request", "hangs"])
+def test_a_request_a_node_drops_or_hangs_on_is_retried_on_the_next_node(failure, monkeypatch):
+    """Node 0 receives the request and dies with it in flight (the connection closes) or never
+    answers (the request timeout fires): the client gets node 1's answer, one retry is counted,
+    and node 0 stays up, its polls answering (only a refused connection or two failed polls
+    mark a node down)."""
+    from rcllm.serve import coordinator
+
+    monkeypatch.setattr(coordinator, "REQUEST_TIMEOUT", aiohttp.ClientTimeout(total=1.0, sock_connect=1.0))
+    nodes = [ScriptedNode(0, recommend=(failure, "ok")), ScriptedNode(1)]
+
+    async def body(coord, url):
+        async with RecommendClient(url) as client:
+            return await client.recommend(REQUEST), retries(coord), [link.view.up for link in coord.links]
+
+    answer, counted, up = asyncio.run(with_coordinator(nodes, body))
+    assert [n.calls["recommend"] for n in nodes] == [1, 1]  # node 0 had it in flight
+    assert answer.node == 1 and [i for i, _ in answer.ranking] == ["1", "4"]
+    assert counted == {"node failed": 1.0, "node busy": 0.0, "node error": 0.0}
+    assert up == [True, True]
+
+
+def test_two_failed_polls_in_a_row_mark_a_hung_node_down_and_one_does_not():
+    """Node 0 stops answering its polls after the first; node 1 hangs on its second poll only."""
+    nodes = [ScriptedNode(0, state=("ok", "hang")), ScriptedNode(1, state=("ok", "hang", "ok"))]
+    marked = []
+
+    async def body(coord, url):
+        mark = coord._mark
+
+        def record(link, up, reason):
+            if link.view.up != up:
+                marked.append((link.node, up, link.failed_polls))
+            mark(link, up, reason)
+
+        coord._mark = record
+        await until(lambda: not coord.links[0].view.up or nodes[0].calls["state"] > 6, "node 0 marked down")
+        await until(lambda: nodes[1].calls["state"] >= 4, "node 1 polled after its hung poll")
+        return [(link.view.up, link.reason, link.failed_polls) for link in coord.links]
+
+    links = asyncio.run(with_coordinator(nodes, body, poll_every=0.05, poll_timeout=0.5))
+    assert marked == [(0, False, 2)]  # down at its second failed poll, never node 1
+    assert links[0][0] is False and "poll failed" in links[0][1] and "Timeout" in links[0][1]
+    assert links[1] == (True, "answering", 0)
+
+
+def test_when_every_node_is_busy_the_coordinator_answers_503_with_the_shortest_retry_after():
+    nodes = [ScriptedNode(0, recommend=("busy",), retry_after=7), ScriptedNode(1, recommend=("busy",), retry_after=3)]
+
+    async def body(coord, url):
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/recommend", data=json.dumps(REQUEST)) as resp:
+                return resp.status, resp.headers, json.loads(await resp.read()), retries(coord)
+
+    status, headers, payload, counted = asyncio.run(with_coordinator(nodes, body))
+    assert status == 503 and headers["Content-Type"].startswith("application/json")
+    assert headers["Retry-After"] == "3" and "every node is busy (2 tried)" in payload["error"]
+    assert [n.calls["recommend"] for n in nodes] == [1, 1]
+    assert counted == {"node failed": 0.0, "node busy": 2.0, "node error": 0.0}
+
+
 def test_cli_refuses_a_missing_cache_with_a_message(tmp_path):
     app = typer.Typer()
     register(app)
@@ -434,6 +588,9 @@ def test_cluster_answers_like_the_in_process_engine_through_a_killed_and_restart
     print(f"\n{len(results)} requests in {seconds:.1f} s; answered per node {[answered_by.count(k) for k in range(3)]}; "
           f"node 1 answered {answered_by[150:].count(1)} of the 170 sent after its kill")
     assert {0, 1, 2} <= set(answered_by[:100])
+    # the requests node 1 dropped (or refused before it was marked down) went to another node
+    metrics = parse_text(asyncio.run(raw(cluster.url, "GET", "/metrics"))[2].decode())
+    assert metrics.get('rcllm_retries_total{reason="node failed"}', 0) >= 1
 
     report = wait_until(cluster, lambda r: not r["nodes"][1]["up"], "node 1 reported down", timeout=10)
     assert report["up"] == 2
@@ -460,7 +617,11 @@ def test_cluster_answers_like_the_in_process_engine_through_a_killed_and_restart
 
 
 @pytest.mark.slow
-def test_32_concurrent_clients_get_answers_or_well_formed_503s(cluster, stream):
+def test_32_concurrent_clients_are_answered_without_errors(cluster, stream):
+    """Load through the coordinator: every request is answered, or refused with a well-formed 503
+    if every node is full (that refusal itself is forced and checked by
+    test_a_node_refuses_requests_beyond_max_queue_with_503_and_retry_after_and_admits_again_when_drained
+    and test_when_every_node_is_busy_the_coordinator_answers_503_with_the_shortest_retry_after)."""
     requests = [req for req, _ in stream]
     latencies, busy, errors = [], [], []
 
@@ -606,6 +767,115 @@ def test_a_node_fetches_blocks_it_lacks_from_their_peer_and_recomputes_those_of_
     assert state["costs"]["rtt_ms"] != 1.0  # measured on the fetches
 
 
+def test_a_node_refuses_requests_beyond_max_queue_with_503_and_retry_after_and_admits_again_when_drained(cache, stream):
+    """The engine thread is held (a call the test releases), so the first max_queue requests wait
+    on it; the next one is refused at once with a JSON 503 and Retry-After, and once the queue
+    drains the node admits it."""
+    import threading
+
+    max_queue = 3
+    picked = [req for req, _ in stream if req.max_new_tokens == 0][: max_queue + 1]
+    runner = NodeRunner.open(cache, 0, hot_bytes=1 << 20)
+    server = NodeServer(runner, {}, token=TOKEN, max_queue=max_queue)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    gate = threading.Event()
+
+    async def post(url: str, req: RecommendRequest):
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/recommend", data=req.to_json(), headers=auth) as resp:
+                return resp.status, resp.headers, await resp.read()
+
+    async def run():
+        async with TestServer(server.app(), host="127.0.0.1") as test_server:
+            url = str(test_server.make_url(""))
+            held = server.engine.call(gate.wait, 120)  # 120 s only guards against a hang: the test opens the gate
+            waiting = [asyncio.ensure_future(post(url, req)) for req in picked[:max_queue]]
+            await until(lambda: server.pending == max_queue, f"{max_queue} requests queued")
+            extra = asyncio.ensure_future(post(url, picked[-1]))
+            await until(lambda: extra.done() or server.pending > max_queue, "the extra request refused or admitted")
+            admitted_beyond = server.pending > max_queue
+            answered_early = [f.done() for f in waiting]
+            gate.set()
+            assert await asyncio.to_thread(held.result, 120) is True
+            return admitted_beyond, answered_early, await extra, await asyncio.gather(*waiting), await post(url, picked[-1])
+
+    try:
+        admitted_beyond, answered_early, refused, answers, again = asyncio.run(run())
+    finally:
+        server.engine.shutdown()
+        runner.close()
+    assert not admitted_beyond, "a request was admitted beyond max_queue"
+    assert answered_early == [False] * max_queue  # they were waiting on the held engine
+    status, headers, payload = refused
+    assert status == 503 and headers["Content-Type"].startswith("application/json")
+    assert int(headers["Retry-After"]) >= 1
+    assert f"node 0 is busy: {max_queue} requests queued (max {max_queue})" in json.loads(payload)["error"]
+    for status, _, payload in [*answers, again]:
+        assert status == 200 and RecommendResponse.from_dict(json.loads(payload)).node == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signalled_node_stops_accepting_then_answers_its_in_flight_requests_before_it_stops(cache, stream, sig):
+    """The node's app run by serve_until_signalled (what ``rcllm serve`` runs) in this process:
+    with requests in flight (the engine held by the test), SIGTERM or SIGINT closes the listener
+    at once, and every request in flight is still answered before the app is torn down."""
+    import os
+    import threading
+
+    picked = [req for req, _ in stream if req.max_new_tokens == 0][:4]
+    runner = NodeRunner.open(cache, 1, hot_bytes=1 << 20)
+    server = NodeServer(runner, {}, token=TOKEN)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gate = threading.Event()
+    before = signal.getsignal(sig)
+
+    async def listening() -> bool:
+        try:
+            return (await raw(url, "GET", "/health"))[0] == 200
+        except aiohttp.ClientConnectorError:
+            return False
+
+    async def run():
+        app = server.app()
+        shutting_down = asyncio.Event()
+
+        async def note(app) -> None:  # aiohttp calls it once the listener is closed, before the drain
+            shutting_down.set()
+
+        app.on_shutdown.append(note)
+        serving = asyncio.ensure_future(serve_until_signalled(app, "127.0.0.1", port, role="node"))
+        while not await listening():
+            assert not serving.done(), serving
+            await asyncio.sleep(0.01)
+        server.engine.call(gate.wait, 120)  # 120 s only guards against a hang: the test opens the gate
+        async with RecommendClient(url, token=TOKEN) as client:
+            sent = [asyncio.ensure_future(client.recommend(req)) for req in picked]
+            await until(lambda: server.pending == len(picked), "every request in flight")
+            # the server's handler is installed (never the default, which would stop the test run)
+            assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler)
+            os.kill(os.getpid(), sig)
+            await until(shutting_down.is_set, "the server shutting down")
+            refusing = not await listening()
+            in_flight = [not f.done() for f in sent]
+            gate.set()
+            answers = await asyncio.gather(*sent, return_exceptions=True)
+        await serving
+        return refusing, in_flight, answers
+
+    try:
+        refusing, in_flight, answers = asyncio.run(run())
+    finally:
+        signal.signal(sig, before)
+        gate.set()
+    assert refusing and in_flight == [True] * len(picked)  # the listener closed while they waited
+    for (req, want), got in zip([(r, w) for r, w in stream if r in picked], answers):
+        assert isinstance(got, RecommendResponse), got
+        assert_same_ranking(got, want, "answered while draining")
+    with pytest.raises(RuntimeError, match="shutting down"):  # the app's cleanup ran after the drain
+        server.engine.rank(runner.prepare(picked[0]), {}, 0.0)
+
+
 def test_requests_that_queue_while_the_engine_is_busy_run_as_one_batch(cache, stream):
     """The node's engine thread: six ranking requests wait behind a blocking call, then run as
     one batched forward and each gets the in-process engine's answer; a request the engine
@@ -657,24 +927,28 @@ def test_max_batch_one_runs_requests_one_at_a_time(cache, stream):
 
 
 @pytest.mark.slow
-def test_sigterm_lets_a_node_finish_its_in_flight_requests(cluster, stream):
-    """Last test of the module: node 2 shuts down for good."""
-    # slower requests (a continuation after the ranking), so several are in flight
+def test_sigterm_lets_a_node_process_finish_its_in_flight_requests(cluster, stream):
+    """``rcllm serve`` wires the drain to SIGTERM (the drain itself is proven in this process by
+    test_a_signalled_node_stops_accepting_then_answers_its_in_flight_requests_before_it_stops).
+    Last test of the module: node 2 shuts down for good."""
+    # slower requests (a continuation after the ranking), run one at a time by the engine
     requests = [dataclasses.replace(req, max_new_tokens=40) for req, _ in stream[:6]]
 
     async def run():
         async with RecommendClient(cluster.node_url(2), token=TOKEN) as client:
             sent = [asyncio.ensure_future(client.recommend(req)) for req in requests]
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+            while True:  # every request admitted, some still waiting: then the signal
                 state = await client.get_json("/v1/state")
-                if state["queue_depth"] >= 3:
+                answered = sum(f.done() for f in sent)
+                assert answered < len(sent), "every request was answered before the signal"
+                if state["queue_depth"] + answered == len(sent):
                     break
-                await asyncio.sleep(0.005)
             cluster.signal("node2", signal.SIGTERM)
-            return await asyncio.gather(*sent, return_exceptions=True)
+            return state["queue_depth"], await asyncio.gather(*sent, return_exceptions=True)
 
-    results = asyncio.run(run())
+    in_flight, results = asyncio.run(run())
+    assert in_flight >= 1
     assert all(isinstance(r, RecommendResponse) and r.node == 2 for r in results), results
-    assert cluster.procs["node2"].wait(timeout=30) == 0
-    assert '"event": "stopped"' in cluster.log_tail("node2", 5)
+    assert cluster.procs["node2"].wait(timeout=60) == 0
+    log = cluster.log_tail("node2", 5)
+    assert '"event": "shutting down: draining in-flight requests"' in log and '"event": "stopped"' in log
