@@ -101,21 +101,26 @@ def test_distill_loss_is_zero_against_itself_and_grows_with_disagreement(linked)
     assert distill_loss(off_label, logits, batch, labels, 2.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_hidden_loss_reads_only_the_fresh_tokens(linked):
+def test_hidden_loss_reads_only_the_fresh_tokens_and_weighs_every_dimension_alike(linked):
     prompts = _encode(linked, [(HISTORY, CANDIDATES)])
     batch = collate(prompts, block_aware=True)
     layout = prompts[0].layout
     names = [name for name, n in layout for _ in range(n)]
     assert batch.fresh[0].tolist() == [name in ("label", "link", "instruction") for name in names]
+    torch.manual_seed(0)
     teacher = [torch.randn(1, len(names), 8) for _ in range(2)]
+    teacher[0][..., 0] = teacher[0][..., 0] * 1000 + 5000  # one huge dimension, as real models have
     student = [t.clone() for t in teacher]
     assert hidden_loss(student, teacher, batch.fresh).item() == 0.0
-    block_token = names.index("item")
-    student[0][0, block_token] += 10.0  # cached under reuse: not the student's to match
+    student[0][0, names.index("item")] += 10.0  # cached under reuse: not the student's to match
     assert hidden_loss(student, teacher, batch.fresh).item() == 0.0
-    student[1][0, names.index("label")] = 0.0  # a fresh token that lost its state: relative error 1
-    expected = 1.0 / int(batch.fresh.sum()) / 2  # one token of the fresh ones, in one of two layers
-    assert hidden_loss(student, teacher, batch.fresh).item() == pytest.approx(expected)
+    label = names.index("label")
+    fresh_t = teacher[0][0][batch.fresh[0]]
+    huge, small = student[0].clone(), student[0].clone()
+    huge[0, label, 0] += fresh_t[:, 0].std()  # one spread off, in the huge dimension
+    small[0, label, 1] += fresh_t[:, 1].std()  # one spread off, in an ordinary one
+    errs = [hidden_loss([x, student[1]], teacher, batch.fresh).item() for x in (huge, small)]
+    assert errs[0] > 0 and errs[0] == pytest.approx(errs[1], rel=1e-4)
 
 
 def test_label_attention_splits_the_mass_of_each_label():
