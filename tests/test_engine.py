@@ -7,6 +7,7 @@ block must be the re-rotated block, and bad input must fail with a clear ValueEr
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -88,14 +89,18 @@ def garbage_like(block: BlockKV, seed: int) -> BlockKV:
     )
 
 
-def moved_prompt(lm, engine, seed: int = 0):
-    """A ranking-like prompt: [context][label][block]...[label][block][instruction].
+def moved_prompt(lm, engine, seed: int = 0, lead: int = 0):
+    """A ranking-like prompt: [context]([lead])[label][block]...[label][block][instruction].
 
     Every block is computed once after the context (base position = context length) and then
     placed at its own slot, so all but the first are moved, and none sees its real left context.
+    ``lead`` fresh tokens after the context move every block that much further (as a long history
+    does in a real prompt).
     """
     ctx = rand_ids(lm, 16, seed)
     segments = [Segment.fresh(ctx, "context")]
+    if lead:
+        segments.append(Segment.fresh(rand_ids(lm, lead, seed + 400), "lead"))
     for i, n in enumerate((14, 11, 17, 9)):
         segments.append(Segment.fresh(rand_ids(lm, 2, seed + 100 + i), f"label{i}"))
         block = engine.compute_block(rand_ids(lm, n, seed + 200 + i), ctx)
@@ -349,6 +354,226 @@ def test_policies_are_ordered_in_recomputation_and_full_is_exact(tiny):
     assert err["none"] > 10 * LOGIT_TOL  # moved blocks without correction are not a prefill
     assert all(math.isfinite(e) for e in err.values())
     assert all(torch.isfinite(r.logits).all() for r in results.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# partial policies on moved blocks, against an independent float64 reference
+
+
+def _rope64(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., n, d] rotated to ``positions`` [n] (pairs i and i + d/2), all in float64."""
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+class Reference:
+    """The model's weights in float64 and its attention written out, for the policies' semantics:
+    every layer computes q, k, v of every token; a cached token offers the others the K/V of its
+    block's own prefill (after the block context, RoPE at the token's place in this prompt)
+    unless the policy recomputes it in that layer; queries see keys at positions <= their own.
+    Shares no code with the engine (no kernels, no rcllm.engine.policy)."""
+
+    def __init__(self, lm):
+        self.model = copy.deepcopy(lm.model).to(torch.float64).eval()
+        self.inv_freq = lm.inv_freq.double().cpu()
+        self.head_dim = lm.head_dim
+        self.layers = self.model.model.layers
+
+    def _qkv(self, layer, h):
+        """q [heads, n, d] and k [kv_heads, n, d] before RoPE, v [kv_heads, n, d]."""
+        attn, n, d = layer.self_attn, h.shape[0], self.head_dim
+        x = layer.input_layernorm(h)
+        q, k, v = (proj(x).view(n, -1, d) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+
+    def _layer(self, layer, h, q, k, v):
+        n = h.shape[0]
+        heads = q.shape[0]
+        k, v = (t.repeat_interleave(heads // t.shape[0], dim=0) for t in (k, v))
+        scores = q @ k.transpose(1, 2) * layer.self_attn.scaling
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        o = (scores.softmax(-1) @ v).transpose(0, 1).reshape(n, -1)
+        h = h + layer.self_attn.o_proj(o)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def prefill(self, ids: torch.Tensor):
+        """Plain causal prefill: (last logits, K before RoPE [layers, kv_heads, n, d], V)."""
+        return self.forward(ids)
+
+    @torch.no_grad()
+    def forward(self, ids, select=None, cached=None):
+        """Logits of the last token and the K (before RoPE) and V every layer attended to.
+
+        ``cached``: (is_cached [n], K before RoPE, V [layers, kv_heads, n, d]) of the cached
+        tokens; ``select(layer, k, v, cached_k, cached_v)``: the tokens that layer recomputes,
+        given their recomputed and their cached K (after RoPE) and V; fresh tokens always are."""
+        n = ids.numel()
+        positions = torch.arange(n)
+        h = self.model.model.embed_tokens(ids)
+        keys, values = [], []
+        for no, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h)
+            if cached is not None:
+                is_cached, cache_k, cache_v = cached
+                rotated_cache_k = _rope64(cache_k[no], positions, self.inv_freq)
+                use = (select(no, _rope64(k, positions, self.inv_freq), v, rotated_cache_k, cache_v[no]) | ~is_cached)
+                k = torch.where(use[None, :, None], k, cache_k[no])
+                v = torch.where(use[None, :, None], v, cache_v[no])
+            keys.append(k)
+            values.append(v)
+            h = self._layer(layer, h, _rope64(q, positions, self.inv_freq), _rope64(k, positions, self.inv_freq), v)
+        logits = self.model.lm_head(self.model.model.norm(h[-1]))
+        return logits, torch.stack(keys), torch.stack(values)
+
+    def policy(self, segments, policy: str):
+        """Logits, K (after RoPE) and V of ``segments`` (a moved_prompt) under ``policy``."""
+        ids = cat_ids(segments).cpu()
+        n, context = ids.numel(), segments[0].token_ids.cpu()
+        is_cached = torch.zeros(n, dtype=torch.bool)
+        boundary = torch.zeros(n, dtype=torch.bool)
+        cache_k = torch.zeros(len(self.layers), self.model.config.num_key_value_heads, n, self.head_dim, dtype=torch.float64)
+        cache_v = torch.zeros_like(cache_k)
+        start = 0
+        for seg in segments:
+            if seg.is_cached:  # the block's own prefill after the context it was computed behind
+                _, bk, bv = self.prefill(torch.cat([context, seg.token_ids.cpu()]))
+                cache_k[:, :, start : start + seg.n_tokens] = bk[:, :, context.numel() :]
+                cache_v[:, :, start : start + seg.n_tokens] = bv[:, :, context.numel() :]
+                is_cached[start : start + seg.n_tokens] = True
+                k = int(policy.split(":")[1]) if policy.startswith("boundary:") else 0
+                boundary[start : start + min(k, seg.n_tokens)] = True
+            start += seg.n_tokens
+        last = torch.arange(n) == n - 1
+        kind = policy.split(":")[0]
+        check = max(0, min(1, len(self.layers) - 2))  # deviation: layers 0..1 in full, 0 for 2 layers
+        chosen = {}
+
+        def select(layer, k, v, cached_k, cached_v):
+            if kind == "none":
+                return last.clone()
+            if kind == "boundary":
+                return boundary | last
+            if layer <= check:  # deviation
+                if layer == check:
+                    drift = (k - cached_k).pow(2).sum((0, 2)) + (v - cached_v).pow(2).sum((0, 2))
+                    drift[~is_cached] = float("-inf")
+                    ratio = float(policy.split(":")[1])
+                    picked = torch.topk(drift, math.ceil(round(ratio * int(is_cached.sum()), 9))).indices
+                    ranked = drift[is_cached].sort(descending=True).values
+                    chosen["margin"] = float(ranked[picked.numel() - 1] - ranked[picked.numel()]) / float(ranked[0])
+                    chosen["tokens"] = torch.zeros(n, dtype=torch.bool).index_fill(0, picked, True)
+                return torch.ones(n, dtype=torch.bool)
+            return chosen["tokens"] | last
+
+        logits, keys, values = self.forward(ids, select, (is_cached, cache_k, cache_v))
+        return logits, _rope64(keys, torch.arange(n), self.inv_freq), values, chosen.get("margin")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def deep(request, tmp_path_factory, smollm_path):
+    """(LoadedModel, BlockEngine) of a 4-layer tiny model, float32: deviation checks layer 1.
+
+    With 2 layers the check layer is 0, whose K and V depend only on each token and its position:
+    a moved block's are exact there, so its deviations are rounding noise and pick nothing in
+    particular."""
+    from conftest import tiny_model_dir
+
+    folder = tiny_model_dir(request.param, tmp_path_factory.mktemp(f"deep-{request.param}"), smollm_path,
+                            num_hidden_layers=4)
+    lm = load_model(str(folder), device="cpu", dtype=torch.float32)
+    lm.model.eval()
+    return lm, BlockEngine(lm)
+
+
+@pytest.mark.parametrize("policy", ["none", "boundary:3"])
+def test_partial_policies_on_moved_blocks_match_a_float64_reference(tiny, policy):
+    """The engine's logits and every layer's assembled K/V under a partial policy, with every block
+    moved away from where it was computed, equal the float64 reference's."""
+    check_against_reference(*tiny, policy)
+
+
+def test_deviation_on_moved_blocks_matches_a_float64_reference(deep):
+    check_against_reference(*deep, "deviation:0.3")
+
+
+def check_against_reference(lm, engine, policy: str) -> None:
+    ref = Reference(lm)
+    segments = moved_prompt(lm, engine, seed=24)
+    ids = cat_ids(segments)
+    # the reference itself: a full prefill equals the stock forward
+    full_logits, full_k, full_v = ref.prefill(ids.cpu())
+    assert max_diff(full_logits, stock_logits(lm, ids)) <= LOGIT_TOL
+    stock_k, stock_v = stock_kv(lm, ids)
+    assert max_diff(_rope64(full_k, torch.arange(ids.numel()), ref.inv_freq), stock_k) <= kv_tol(stock_k)
+
+    want_logits, want_k, want_v, margin = ref.policy(segments, policy)
+    assert max_diff(want_logits, full_logits) > 100 * LOGIT_TOL  # moved blocks: not a prefill
+    if margin is not None:  # the gap at the cut, relative to the largest drift, is well above float32
+        assert margin > 1e-5  # rounding of the drifts (~1e-7 of them): both pick the same tokens
+    got = engine.forward(segments, policy, return_kv=True)
+    assert max_diff(got.logits, want_logits) <= LOGIT_TOL
+    assert max_diff(got.keys, want_k) <= kv_tol(want_k)
+    assert max_diff(got.values, want_v) <= kv_tol(want_v)
+
+
+LEAD = 600  # bf16 tests move blocks ~600-660 positions, where bfloat16 no longer holds every integer
+
+
+def bf16_ulp(scale: float) -> float:
+    """The spacing of bfloat16 numbers (8 significant bits) at magnitude ``scale``."""
+    return 2.0 ** (math.floor(math.log2(scale)) - 7)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny_bf16(request, tiny_models):
+    """(LoadedModel, BlockEngine) of one tiny family in bfloat16 on CPU."""
+    lm = load_model(str(tiny_models[request.param]), device="cpu", dtype=torch.bfloat16)
+    lm.model.eval()
+    return lm, BlockEngine(lm)
+
+
+def test_bf16_full_policy_and_exact_reuse_match_the_stock_bf16_forward(tiny_bf16):
+    """Within 4 bf16 ulps of the logits' scale (on CPU the engine's full policy is bit for bit the
+    stock forward; GPU kernels sum in another order)."""
+    lm, engine = tiny_bf16
+    segments = moved_prompt(lm, engine, seed=25)
+    ids = cat_ids(segments)
+    want = stock_logits(lm, ids)
+    tol = 4 * bf16_ulp(float(want.abs().max()))
+    assert max_diff(engine.forward(segments, "full").logits, want) <= tol
+    ctx_ids, block_ids, tail_ids = split(rand_ids(lm, 60, 26), (20, 30, 10))
+    block = engine.compute_block(block_ids, ctx_ids)
+    exact = [Segment.fresh(ctx_ids), Segment.cached(block), Segment.fresh(tail_ids)]
+    for policy in ("none", "boundary:3", "deviation:0.3"):
+        assert max_diff(engine.forward(exact, policy).logits, stock_logits(lm, cat_ids(exact))) <= tol, policy
+
+
+@pytest.mark.parametrize("policy", ["none", "boundary:3"])
+def test_bf16_partial_policies_on_moved_blocks_stay_as_close_to_float64_as_a_bf16_prefill(tiny_bf16, policy):
+    """bf16 rounds every activation to 8 bits: a plain bf16 prefill of this prompt is already a few
+    ulps off the float64 truth. Under a partial policy on moved blocks the engine in bf16 must be
+    no further from the float64 reference (the same bf16 weights, in float64) than twice that, and
+    never held to less than 4 ulps."""
+    lm, engine = tiny_bf16
+    ref = Reference(lm)
+    segments = moved_prompt(lm, engine, seed=24, lead=LEAD)
+    ids = cat_ids(segments)
+    full_logits, full_k, full_v = ref.prefill(ids.cpu())
+    stock_k, stock_v = stock_kv(lm, ids)
+    positions = torch.arange(ids.numel())
+    want_logits, want_k, want_v, _ = ref.policy(segments, policy)
+    got = engine.forward(segments, policy, return_kv=True)
+    for what, got_x, want_x, stock_error in (
+        ("logits", got.logits, want_logits, max_diff(stock_logits(lm, ids), full_logits)),
+        ("keys", got.keys, want_k, max_diff(stock_k, _rope64(full_k, positions, ref.inv_freq))),
+        ("values", got.values, want_v, max_diff(stock_v, full_v)),
+    ):
+        tol = max(2 * stock_error, 4 * bf16_ulp(float(want_x.abs().max())))
+        assert max_diff(got_x, want_x) <= tol, (what, max_diff(got_x, want_x), tol)
 
 
 def test_a_batch_of_prompts_gives_each_prompt_its_own_forward(tiny):
