@@ -29,7 +29,7 @@ def small_data():
 def _settings(tmp_path: Path, model: Path, **overrides) -> TrainSettings:
     base = dict(
         out=tmp_path / "model", model=str(model), method="full", steps=4, batch=2, lr=1e-3, history=3,
-        candidates=4, block_aware="mix", eval_every=2, val_users=3, seed=0,
+        candidates=4, block_aware="mix", eval_every=2, val_users=3, seed=0, amp="off",  # same numerics on every CPU
     )
     return TrainSettings(**{**base, **overrides})
 
@@ -348,15 +348,27 @@ def test_full_fine_tuning_lifts_a_random_model_from_chance(tmp_path, tiny_models
     assert sum(report["losses"][-20:]) / 20 < 0.9 < sum(report["losses"][:10]) / 10
 
 
-def test_block_aware_training_makes_reuse_without_correction_rank(tmp_path, tiny_models):
-    """Trained only under the attention of cached reuse, the model ranks when served with every
-    block cached and nothing recomputed (``none``): the fresh label after each item reads that
-    item's cached KV, and the answer copies the label."""
+def _mixed_taste_population():
+    """Synthetic users with one or two favourite categories out of four, drawn at random: across
+    users every category is as likely to be chosen next, so an item's text alone says nothing about
+    whether it is the positive. Only comparing a candidate with the history does."""
+    return make_synthetic(n_items=160, n_users=1600, n_interactions_per_user=(6, 10), n_clusters=4, seed=0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="block-aware training does not yet teach a model to compare a cached candidate with a cached "
+    "history: the fresh label token would have to do the whole comparison (issue 18); a random 2-layer "
+    "model stays at chance under reuse in 100 steps, and so did the 135M model at every CPU budget tried",
+)
+def test_block_aware_training_makes_reuse_rank_by_the_history(tmp_path, tiny_models):
+    """Trained under the attention of cached reuse on a rule that needs the history, the model
+    ranks when served with every block cached and nothing recomputed (``none``)."""
     settings = _settings(
-        tmp_path, tiny_models["llama"], steps=100, batch=32, lr=3e-3, history=1, block_aware="on",
-        eval_every=100, val_users=32,
+        tmp_path, tiny_models["llama"], steps=100, batch=32, lr=3e-3, history=2, block_aware="on",
+        eval_every=100, val_users=32, amp="off",
     )
-    report = train(settings, dataset=_one_taste_population()).report
+    report = train(settings, dataset=_mixed_taste_population()).report
     before, after = report["evals"][0]["val"], report["final"]["val"]
     assert after["reuse_none"]["hr@1"] >= 0.45  # chance with 4 candidates: 0.25
     assert after["reuse_none"]["hr@1"] - before["reuse_none"]["hr@1"] >= 0.2
