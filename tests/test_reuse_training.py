@@ -193,3 +193,30 @@ def test_finetune_records_its_template_and_serving_follows_it(tmp_path, tiny_mod
     train(again, dataset=data)
     assert model_template(tmp_path / "m2").link_tokens == 2
     assert open_ranker(str(tiny_models["llama"])).builder.template.link_tokens == 0
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_a_training_step_uses_the_attention_its_mode_names(tmp_path, tiny_models, mode):
+    """The loss the loop records for step 0 is the block-aware loss under ``on`` and the causal
+    one under ``off``: a loop that silently trained causally would record the other number."""
+    from rcllm.train.examples import ExampleStream, PromptEncoder
+    from rcllm.train.forward import label_loss
+
+    data = make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
+    settings = TrainSettings(
+        out=tmp_path / "m", model=str(tiny_models["llama"]), method="full", steps=1, batch=4, history=2,
+        candidates=4, block_aware=mode, val_users=1, amp="off", recent=3,
+    )
+    recorded = train(settings, dataset=data).report["losses"][0]
+    lm = load_model(tiny_models["llama"])
+    stream = ExampleStream(data, 2, 4, 0, 1, 3)
+    encoder = PromptEncoder(Ranker(BlockEngine(lm), PromptBuilder(lm.tokenizer)), data.items)
+    prompts = [encoder.encode(e) for e in stream.batch(0, 4)]
+    losses = {}
+    with torch.no_grad():
+        for aware in (True, False):
+            batch = collate(prompts, aware)
+            logits = answer_logits(lm.model, batch, lm.inv_freq, lm.head_dim)
+            losses[aware] = label_loss(logits, batch, PromptBuilder(lm.tokenizer).label_token_ids).item()
+    assert abs(losses[True] - losses[False]) > 1e-3
+    assert recorded == pytest.approx(losses[mode == "on"], abs=1e-5)
