@@ -197,10 +197,12 @@ def label_attention(probe: Sequence[torch.Tensor], prompts: Sequence[EncodedProm
     label whose mass on its own item stays where an untrained model has it learnt nothing there."""
     parts = ("own_item", "history", "other_items", "system")
     out: dict[str, list[float]] = {p: [] for p in parts}
+    spans = [(_spans(p.layout, "history")[:1], _spans(p.layout, "item")) for p in prompts]
     for weights in probe:
         sums = dict.fromkeys(parts, 0.0)
         count = 0
         for row, prompt in enumerate(prompts):
+            history, items = spans[row]
             start, item = 0, None
             for name, n in prompt.layout:
                 if name == "item":
@@ -210,10 +212,8 @@ def label_attention(probe: Sequence[torch.Tensor], prompts: Sequence[EncodedProm
                     own = float(w[item[0] : item[1]].sum())
                     sums["own_item"] += own
                     sums["system"] += float(w[: prompt.layout[0][1]].sum())
-                    hist = _span(prompt.layout, "history")
-                    sums["history"] += float(w[hist[0] : hist[1]].sum()) if hist else 0.0
-                    items = sum(float(w[a:b].sum()) for a, b in _spans(prompt.layout, "item") if b <= start)
-                    sums["other_items"] += items - own
+                    sums["history"] += sum(float(w[a:b].sum()) for a, b in history)
+                    sums["other_items"] += sum(float(w[a:b].sum()) for a, b in items if b <= start) - own
                     count += 1
                 start += n
         for p in parts:
@@ -230,6 +230,17 @@ def _spans(layout, kind: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _span(layout, kind: str) -> tuple[int, int] | None:
-    spans = _spans(layout, kind)
-    return spans[0] if spans else None
+@torch.no_grad()
+def probe_label_attention(
+    model, prompts: Sequence[EncodedPrompt], inv_freq: torch.Tensor, head_dim: int
+) -> dict[str, list[float]]:
+    """:func:`label_attention` of ``model`` (in eval mode for the probe) under the block-aware pattern."""
+    was_training = model.training
+    model.eval()
+    try:
+        weights: list = []
+        batch = collate(prompts, True, next(model.parameters()).device)
+        answer_logits(model, batch, inv_freq, head_dim, probe=weights)
+        return label_attention(weights, prompts)
+    finally:
+        model.train(was_training)

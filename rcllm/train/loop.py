@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -43,8 +44,8 @@ from rcllm.train.forward import (
     collate,
     distill_loss,
     hidden_loss,
-    label_attention,
     label_loss,
+    probe_label_attention,
 )
 from rcllm.train.masks import block_aware_step
 from rcllm.train.report import losses_by_attention, machine, plot_training
@@ -164,8 +165,6 @@ class TrainSettings:
 def _template(lm: LoadedModel, settings: TrainSettings) -> PromptTemplate:
     """The prompt template of the run: the start model's (a folder from an earlier run records
     its own), with ``--link-tokens`` when given."""
-    import os
-
     start = (model_template(lm.path) if os.path.isdir(lm.path) else None) or PromptTemplate()
     if settings.link_tokens is None or settings.link_tokens == start.link_tokens:
         return start
@@ -192,20 +191,6 @@ def _load_teacher(settings: TrainSettings, student: LoadedModel) -> LoadedModel 
             )
     teacher.model.eval().requires_grad_(False)
     return teacher
-
-
-@torch.no_grad()
-def _probe(model, prompts, lm: LoadedModel) -> dict[str, list[float]]:
-    """Attention of the label tokens under the block-aware pattern, per layer (see
-    :func:`rcllm.train.forward.label_attention`)."""
-    was_training = model.training
-    model.eval()
-    try:
-        weights: list = []
-        answer_logits(model, collate(prompts, True, lm.device), lm.inv_freq, lm.head_dim, probe=weights)
-        return label_attention(weights, prompts)
-    finally:
-        model.train(was_training)
 
 
 def _cpu_has_bf16() -> bool:
@@ -375,7 +360,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             "train_loss": sum(recent) / len(recent) if recent else None,
             "train_loss_by_attention": losses_by_attention(state["losses"], settings.block_aware, since),
             "val": validate(lm, builder, encoder, stream.validation),
-            "label_attention": _probe(model, probe_prompts, lm),
+            "label_attention": probe_label_attention(model, probe_prompts, lm.inv_freq, lm.head_dim),
         }
         state["seconds"]["validation"] += time.perf_counter() - started
         state["evals"].append(entry)
@@ -387,6 +372,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     if progress:
         progress(state["step"], settings.steps, {})
     label_ids = builder.label_token_ids
+    first_trained = _trained_layers(lm, settings)[0]  # the hidden term's layers: those that learn
     autocast = settings.autocast()
     state["autocast_bf16"] = autocast
     prompts: list = []
@@ -418,8 +404,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
                 parts["kl"] = kl.item()
                 loss = loss + settings.distill_weight * kl
                 if hidden is not None:
-                    first = _trained_layers(lm, settings)[0]
-                    h = hidden_loss(hidden[first:], taught[first:], batch.fresh)
+                    h = hidden_loss(hidden[first_trained:], taught[first_trained:], batch.fresh)
                     parts["hidden"] = h.item()
                     loss = loss + settings.hidden_weight * h
             loss.backward()
