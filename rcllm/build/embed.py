@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rcllm.assets import MissingAssetError, wheel_file
-from rcllm.engine.models import ModelNotFoundError, _transformers_progress
+from rcllm.engine.models import ModelNotFoundError, transformers_progress
 
 if TYPE_CHECKING:
     from rcllm.engine.models import LoadedModel
@@ -85,7 +85,7 @@ class SentenceEmbedder:
         self.path = folder
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        with _transformers_progress(False):
+        with transformers_progress(False):
             self.model = AutoModel.from_pretrained(folder, local_files_only=True).to(self.device).eval()
         self.model.requires_grad_(False)
         self.name = "minilm" if path_or_name is None else str(folder)

@@ -38,7 +38,7 @@ class ForwardResult:
 
 
 @dataclass
-class _Prompt:
+class Prompt:
     """One prompt on its way through the layers: its assembled context and the positions it
     recomputes (``idx`` narrows after a deviation check layer). For a decoding step ``ids`` is
     the new token and ``idx`` its position."""
@@ -77,7 +77,8 @@ class BlockEngine:
 
     # -- validation -------------------------------------------------------------------------
 
-    def _check_block(self, kv: BlockKV, name: str) -> None:
+    def check_block(self, kv: BlockKV, name: str) -> None:
+        """Refuse cached KV that another model computed or that has another shape."""
         if kv.fingerprint != self.fingerprint:
             raise ValueError(
                 f"segment {name!r}: cached KV was computed by another model (fingerprint "
@@ -90,7 +91,8 @@ class BlockEngine:
                 "[layers, kv_heads, tokens, head_dim]"
             )
 
-    def _check_length(self, length: int) -> None:
+    def check_length(self, length: int) -> None:
+        """Refuse a prompt longer than the model's sliding window or its positions."""
         window = self.lm.sliding_window
         if window is not None and length > window:
             raise ValueError(
@@ -146,15 +148,15 @@ class BlockEngine:
         prepared = [self._prepare(segments, parse_policy(policy), 0) for segments, policy in prompts]
         return self._run(prepared, started)
 
-    def _prepare(self, segments: Sequence[Segment], policy: Policy, max_new_tokens: int) -> "_Prompt":
+    def _prepare(self, segments: Sequence[Segment], policy: Policy, max_new_tokens: int) -> "Prompt":
         """Check one prompt, place its cached blocks in a fresh context and select its tokens."""
         for i, seg in enumerate(segments):
             if seg.kv is not None:
-                self._check_block(seg.kv, seg.name or f"#{i}")
+                self.check_block(seg.kv, seg.name or f"#{i}")
         length = sum(s.n_tokens for s in segments)
         if length == 0:
             raise ValueError("empty prompt: at least one token is needed")
-        self._check_length(length + max_new_tokens)
+        self.check_length(length + max_new_tokens)
 
         shape = (self.n_layers, self.n_kv_heads, length + max_new_tokens, self.head_dim)
         # Uninitialised on purpose: every entry is written (placed from a block, or scattered by
@@ -165,7 +167,7 @@ class BlockEngine:
             self.place(segments, ctx_k, ctx_v)
         ids_cpu, fresh, exact, idx = self.select(segments, policy)
         check_layer = max(0, min(policy.check_layer, self.n_layers - 2)) if policy.kind == "deviation" else -1
-        return _Prompt(ids_cpu.to(self.device), policy, fresh, exact, ctx_k, ctx_v, length, idx.to(self.device), check_layer)
+        return Prompt(ids_cpu.to(self.device), policy, fresh, exact, ctx_k, ctx_v, length, idx.to(self.device), check_layer)
 
     def select(self, segments: Sequence[Segment], policy: Policy):
         """The prompt's token ids and, per token, whether it has no cached KV (fresh) and whether
@@ -192,12 +194,12 @@ class BlockEngine:
             [s - b.base_pos for s, b in zip(starts, placed)], self.inv_freq,
         )
 
-    def _run(self, prompts: list["_Prompt"], started: float) -> list[ForwardResult]:
+    def _run(self, prompts: list["Prompt"], started: float) -> list[ForwardResult]:
         """The layers over every prompt's selected tokens, as one ragged batch."""
         h = self.embed(torch.cat([p.ids[p.idx] for p in prompts])).unsqueeze(0)
         token_layers = [0] * len(prompts)
         for layer_no, layer in enumerate(self.layers):
-            h, devs = self._layer(layer, h, prompts, layer_no)
+            h, devs = self.run_layer(layer, h, prompts, layer_no)
             for i, p in enumerate(prompts):
                 token_layers[i] += p.idx.numel()
             if any(d is not None for d in devs):
@@ -217,7 +219,7 @@ class BlockEngine:
         ]
 
     @staticmethod
-    def _narrow(h: torch.Tensor, prompts: list["_Prompt"], devs: list) -> torch.Tensor:
+    def _narrow(h: torch.Tensor, prompts: list["Prompt"], devs: list) -> torch.Tensor:
         """After a deviation check layer: keep, per checked prompt, the tokens the policy keeps."""
         parts, first = [], 0
         for p, dev in zip(prompts, devs):
@@ -245,7 +247,7 @@ class BlockEngine:
             start += seg.n_tokens
         return flags
 
-    def _layer(self, layer, h, prompts: list["_Prompt"], layer_no: int):
+    def run_layer(self, layer, h, prompts: list["Prompt"], layer_no: int):
         """One decoder layer for every prompt's selected tokens (``h``: [1, sum of their counts,
         hidden]); returns (h, per prompt: its deviations when this is its check layer, else None)."""
         attn = layer.self_attn
@@ -283,10 +285,10 @@ class BlockEngine:
 
     def _decode(self, token: int, pos: int, ctx_k, ctx_v) -> torch.Tensor:
         idx = torch.tensor([pos], device=self.device)
-        step = _Prompt(idx.new_tensor([token]), None, None, None, ctx_k, ctx_v, pos + 1, idx, -1)
+        step = Prompt(idx.new_tensor([token]), None, None, None, ctx_k, ctx_v, pos + 1, idx, -1)
         h = self.embed(step.ids).unsqueeze(0)
         for layer_no, layer in enumerate(self.layers):
-            h, _ = self._layer(layer, h, [step], layer_no)
+            h, _ = self.run_layer(layer, h, [step], layer_no)
         return self._logits(h[0, -1:])[0]
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
@@ -335,7 +337,7 @@ class BlockEngine:
 
         if context.base_pos != 0:
             raise ValueError("a block context must start at position 0")
-        self._check_block(context, "context")
+        self.check_block(context, "context")
         blocks = [torch.as_tensor(b, dtype=torch.long).flatten().cpu() for b in blocks]
         if any(b.numel() == 0 for b in blocks):
             raise ValueError("cannot compute the KV of an empty block")
@@ -350,7 +352,7 @@ class BlockEngine:
         for first in range(0, len(order), batch_size):
             rows = order[first : first + batch_size]
             width = max(blocks[i].numel() for i in rows)
-            self._check_length(c + width)
+            self.check_length(c + width)
             ids = torch.zeros((len(rows), width), dtype=torch.long)
             for r, i in enumerate(rows):
                 ids[r, : blocks[i].numel()] = blocks[i]

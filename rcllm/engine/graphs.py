@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from rcllm.engine.blocks import Segment
-from rcllm.engine.forward import BlockEngine, ForwardResult, _Prompt
+from rcllm.engine.forward import BlockEngine, ForwardResult, Prompt
 from rcllm.engine.policy import Policy, parse_policy
 
 
@@ -58,13 +58,13 @@ class StaticRecompute:
             )
         for i, seg in enumerate(segments):
             if seg.kv is not None:
-                engine._check_block(seg.kv, seg.name or f"#{i}")
+                engine.check_block(seg.kv, seg.name or f"#{i}")
         length = sum(s.n_tokens for s in segments)
         if length == 0:
             raise ValueError("empty prompt: at least one token is needed")
         if length > self.max_length:
             raise ValueError(f"prompt of {length} tokens exceeds this pass's {self.max_length}-token buffers")
-        engine._check_length(length)
+        engine.check_length(length)
 
         ids, _, _, idx = engine.select(segments, policy)  # the selection of BlockEngine.forward
         m = idx.numel()
@@ -93,9 +93,9 @@ class StaticRecompute:
         engine = self.engine
         h = engine.embed(ids).unsqueeze(0)
         # one prompt over the whole static context; the padding rows write only the scratch slot
-        prompt = _Prompt(ids, None, None, None, self.ctx_k, self.ctx_v, self.ctx_k.shape[-2], idx, -1)
+        prompt = Prompt(ids, None, None, None, self.ctx_k, self.ctx_v, self.ctx_k.shape[-2], idx, -1)
         for layer_no, layer in enumerate(engine.layers):
-            h, _ = engine._layer(layer, h, [prompt], layer_no)
+            h, _ = engine.run_layer(layer, h, [prompt], layer_no)
         return engine.lm_head(engine.norm(h[0].index_select(0, last))).float()
 
     def _graph(self, rows: int) -> tuple:

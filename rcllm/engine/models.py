@@ -259,7 +259,7 @@ def pull_embedded(name: str = "smollm2-135m", progress: bool = True) -> Path:
         started = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models_dir))
         try:
-            with _transformers_progress(progress):
+            with transformers_progress(progress):
                 facts = _convert_gguf(name, gguf_path, tmp)
             marker = {
                 "name": name,
@@ -610,7 +610,7 @@ def _tokenizer_hash(tokenizer) -> str:
 
 
 @contextlib.contextmanager
-def _transformers_progress(enabled: bool) -> Iterator[None]:
+def transformers_progress(enabled: bool) -> Iterator[None]:
     """Show or hide transformers' own progress bars ("Loading weights", ...) for a while."""
     from transformers.utils import logging as hf_logging
 
@@ -724,7 +724,7 @@ def load_model(
         raise _not_found(name, f"could not be loaded ({type(error).__name__}: {first_line})") from error
     family = check_supported(config)
 
-    with _transformers_progress(False):
+    with transformers_progress(False):
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
