@@ -57,9 +57,9 @@ def pin(cpu: int) -> None:
 
 def write_cache(root: Path, n_items: int, ports: list[int], seed: int) -> list[list[str]]:
     """A cache folder with the coordinator's inputs; returns the item ids of each cluster."""
-    from rcllm.build.pipeline import ITEM_IDS, ITEM_KEYS
-    from rcllm.build.placement import Placement, save_placement
     from rcllm.store import Manifest, placement_dir
+    from rcllm.store.layout import ITEM_IDS, ITEM_KEYS
+    from rcllm.store.placement import Placement, save_placement
 
     rng = np.random.default_rng(seed)
     ids = [f"i{n}" for n in range(n_items)]

@@ -27,7 +27,6 @@ import torch
 from typer.testing import CliRunner
 
 from rcllm.build import pipeline
-from rcllm.build import placement as pl
 from rcllm.build.embed import get_embedder
 from rcllm.build.pipeline import (
     BuildOptions,
@@ -51,6 +50,7 @@ from rcllm.engine.blocks import BlockKV, Segment, context_hash, uncached
 from rcllm.engine.forward import BlockEngine
 from rcllm.engine.prompt import PromptTemplate, item_text
 from rcllm.store import BlockStore, IncompatibleCacheError, Manifest, node_dir, placement_dir, users_dir
+from rcllm.store.placement import load_placement
 
 REPO = Path(__file__).resolve().parents[1]
 N_ITEMS, N_USERS, NODES = 60, 15, 2
@@ -155,7 +155,7 @@ def assert_same_cache(got: Path, want: Path) -> None:
         assert_no_orphans(mine)
     for name in ("items.json", "keys.json"):
         assert (placement_dir(got) / name).read_bytes() == (placement_dir(want) / name).read_bytes()
-    pa, pb = pl.load_placement(placement_dir(got)), pl.load_placement(placement_dir(want))
+    pa, pb = load_placement(placement_dir(got)), load_placement(placement_dir(want))
     assert np.array_equal(pa.item_node, pb.item_node) and np.array_equal(pa.item_cluster, pb.item_cluster)
     assert (got / "catalog.jsonl").read_bytes() == (want / "catalog.jsonl").read_bytes()
 
@@ -303,7 +303,7 @@ def test_clean_build_puts_every_block_on_the_node_its_placement_names(clean, dat
     keys = json.loads((placement_dir(out) / "keys.json").read_text())
     assert item_ids == [i["id"] for i in items]
     assert keys == [key_for(ranker, item_block_ids(ranker, i)) for i in items]
-    placement = pl.load_placement(placement_dir(out))
+    placement = load_placement(placement_dir(out))
     assert placement.n_nodes == NODES and len(placement.item_cluster) == N_ITEMS
 
     for k in range(NODES):
@@ -703,7 +703,7 @@ def test_append_places_new_items_by_nearest_centroid_and_computes_only_their_blo
     clean, data, model, ranker, tmp_path, monkeypatch
 ):
     out = copy_cache(clean, tmp_path)
-    before = pl.load_placement(placement_dir(out))
+    before = load_placement(placement_dir(out))
     old_blocks = {root.name: read_store(root) for root in store_dirs(out)}
     clusters, nodes = _nearest_nodes(before, NEW_ITEMS)
     catalog = write_jsonl(tmp_path / "grown.jsonl", load_catalog(data.catalog) + NEW_ITEMS)
@@ -714,7 +714,7 @@ def test_append_places_new_items_by_nearest_centroid_and_computes_only_their_blo
     assert result.exit_code == 0, result.output
     assert sum(computed) == len(NEW_ITEMS)  # only the new items' blocks
 
-    after = pl.load_placement(placement_dir(out))
+    after = load_placement(placement_dir(out))
     assert after.n_nodes == before.n_nodes
     assert np.array_equal(after.centroids, before.centroids) and np.array_equal(after.cluster_node, before.cluster_node)
     assert np.array_equal(after.item_cluster[:N_ITEMS], before.item_cluster)
@@ -787,7 +787,7 @@ def test_append_interrupted_between_its_index_writes_then_rerun_stays_consistent
 
     ids = json.loads((placement_dir(out) / "items.json").read_text())
     keys = json.loads((placement_dir(out) / "keys.json").read_text())
-    rows = len(pl.load_placement(placement_dir(out)).item_cluster)
+    rows = len(load_placement(placement_dir(out)).item_cluster)
     embeddings = len(np.load(placement_dir(out) / "embeddings.npy"))
     assert len(ids) == len(set(ids)) == N_ITEMS + len(NEW_ITEMS)
     assert (len(keys), rows, embeddings) == (len(ids), len(ids), len(ids))
@@ -800,7 +800,7 @@ def test_append_interrupted_between_its_index_writes_then_rerun_stays_consistent
 
 def test_add_node_moves_whole_clusters_bit_for_bit_and_computes_nothing(clean, data, model, ranker, tmp_path, monkeypatch):
     out = copy_cache(clean, tmp_path)
-    before = pl.load_placement(placement_dir(out))
+    before = load_placement(placement_dir(out))
     keys = json.loads((placement_dir(out) / "keys.json").read_text())
     old = {k: read_store(node_dir(out, k)) for k in range(NODES)}
     forbid_compute(monkeypatch)
@@ -810,7 +810,7 @@ def test_add_node_moves_whole_clusters_bit_for_bit_and_computes_nothing(clean, d
     assert result.exit_code == 0, result.output
     assert f"node {NODES} added" in " ".join(result.output.split())
 
-    grown = pl.load_placement(placement_dir(out))
+    grown = load_placement(placement_dir(out))
     assert grown.n_nodes == NODES + 1
     assert np.array_equal(grown.item_cluster, before.item_cluster)
     moved = np.flatnonzero(grown.item_node != before.item_node)
@@ -858,7 +858,7 @@ def test_add_node_interrupted_before_its_manifest_then_rerun_leaves_a_consistent
             add_node(out)
     add_node(out)
 
-    grown = pl.load_placement(placement_dir(out))
+    grown = load_placement(placement_dir(out))
     manifest = Manifest.load(out)
     assert [n["node"] for n in manifest.nodes] == list(range(grown.n_nodes))
     stores = {k: read_store(node_dir(out, k)) for k in range(grown.n_nodes)}
@@ -873,9 +873,9 @@ def test_add_node_moves_about_one_share_of_the_bytes_and_keeps_the_balance(model
     out = tmp_path / "cache"
     build_cache(written["catalog.jsonl"], BuildOptions(out=out, nodes=2, model=str(model), embedder="llm",
                 interactions=written["interactions.jsonl"]), ranker=ranker)
-    before = pl.load_placement(placement_dir(out))
+    before = load_placement(placement_dir(out))
     moved = add_node(out)
-    grown = pl.load_placement(placement_dir(out))
+    grown = load_placement(placement_dir(out))
     assert (moved["node"], moved["nodes"]) == (2, 3)
     assert Manifest.load(out).placement["embedder"] == "llm"
     assert moved["imbalance"] == pytest.approx(grown.imbalance())

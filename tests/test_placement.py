@@ -9,7 +9,6 @@ import pytest
 
 from rcllm.build.placement import (
     BALANCE_TOLERANCE,
-    Placement,
     add_node,
     assign_clusters,
     cooccurrence_locality,
@@ -17,12 +16,11 @@ from rcllm.build.placement import (
     hash_placement,
     intra_node_similarity,
     kmeans,
-    load_placement,
     place_items,
     place_new,
     random_placement,
-    save_placement,
 )
+from rcllm.store.placement import Placement, load_placement, save_placement
 
 N_ITEMS, N_BLOBS, DIM = 2000, 8, 64
 NODE_COUNTS = (2, 3, 5)

@@ -28,12 +28,8 @@ from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import Ranker, block_key
 from rcllm.store import BlockStore, Manifest, check_compatible, default_nodes, model_record, node_dir, placement_dir, users_dir
 from rcllm.store.files import atomic_write
-
-CATALOG_COPY = "catalog.jsonl"  # the items as built: nodes render candidate texts from it
-HISTORIES_COPY = "histories.jsonl"  # under users/: a request may omit a known user's history
-ITEM_IDS = "items.json"  # under placement/: row i of the placement arrays is this item id
-ITEM_KEYS = "keys.json"  # under placement/: the block key of row i (moving blocks needs no model)
-EMBEDDINGS = "embeddings.npy"
+from rcllm.store.layout import CATALOG_COPY, EMBEDDINGS, HISTORIES_COPY, ITEM_IDS, ITEM_KEYS
+from rcllm.store.placement import Placement, load_placement, save_placement
 
 
 class Reporter:
@@ -171,7 +167,7 @@ def _quality(embeddings, item_ids, ours, sequences_idx, n_nodes, seed) -> dict[s
     return out
 
 
-def _node_summary(out: Path, placement: pl.Placement, n_nodes: int) -> list[dict]:
+def _node_summary(out: Path, placement: Placement, n_nodes: int) -> list[dict]:
     rows = []
     for k in range(n_nodes):
         with BlockStore.open_readonly(node_dir(out, k)) as store:
@@ -227,7 +223,7 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
     placement = embeddings = None
     if (pdir / ITEM_IDS).is_file() and (pdir / EMBEDDINGS).is_file():
         try:
-            saved = pl.load_placement(pdir)
+            saved = load_placement(pdir)
             if json.loads((pdir / ITEM_IDS).read_text()) == item_ids and saved.n_nodes == options.nodes:
                 placement, embeddings = saved, np.load(pdir / EMBEDDINGS)
                 reporter.log(f"reusing the placement saved in {pdir}")
@@ -246,7 +242,7 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
         placed(1)
         pdir.mkdir(parents=True, exist_ok=True)
         atomic_write(pdir / EMBEDDINGS, _npy_bytes(embeddings))
-        pl.save_placement(placement, pdir)
+        save_placement(placement, pdir)
         atomic_write(pdir / ITEM_IDS, json.dumps(item_ids).encode())
         seconds["place"] = time.perf_counter() - t
     atomic_write(pdir / ITEM_KEYS, json.dumps([key_for(ranker, ids) for ids in token_ids]).encode())
@@ -308,7 +304,7 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
     return report
 
 
-def placement_summary(placement: pl.Placement, embedder: str, seed: int) -> dict:
+def placement_summary(placement: Placement, embedder: str, seed: int) -> dict:
     item_node = placement.item_node
     return {
         "n_clusters": int(len(placement.centroids)),
@@ -332,10 +328,10 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 # -- growing a cache ------------------------------------------------------------------------
 
 
-def _committed_placement(pdir: Path) -> tuple[pl.Placement, list[str], list[str]]:
+def _committed_placement(pdir: Path) -> tuple[Placement, list[str], list[str]]:
     """The placement, item ids and keys as last committed. ``items.json`` is written last by
     every operation: rows beyond it belong to an append that stopped midway and are dropped."""
-    placement = pl.load_placement(pdir)
+    placement = load_placement(pdir)
     item_ids = json.loads((pdir / ITEM_IDS).read_text())
     keys = json.loads((pdir / ITEM_KEYS).read_text())[: len(item_ids)]
     n = len(item_ids)
@@ -389,7 +385,7 @@ def append_items(catalog: Path, options: BuildOptions, reporter: Reporter | None
                     advance(len(chunk))
         all_embeddings = np.concatenate([np.load(pdir / EMBEDDINGS)[: len(item_ids)], embeddings])
         atomic_write(pdir / EMBEDDINGS, _npy_bytes(all_embeddings))
-        pl.save_placement(placement, pdir)
+        save_placement(placement, pdir)
         atomic_write(pdir / ITEM_KEYS, json.dumps(keys + new_keys).encode())
         atomic_write(pdir / ITEM_IDS, json.dumps(item_ids + [i["id"] for i in new]).encode())
     merged = {**existing, **{i["id"]: i for i in new}}
@@ -446,7 +442,7 @@ def add_node(cache: Path) -> dict:
     finally:
         for store in sources.values():
             store.close()
-    pl.save_placement(grown, pdir)
+    save_placement(grown, pdir)
     if len(manifest.nodes) == new_node:
         host = manifest.nodes[-1]["host"] if manifest.nodes else "127.0.0.1"
         port = max(n["port"] for n in manifest.nodes) + 1

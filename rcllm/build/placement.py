@@ -18,29 +18,26 @@ sharing a node (sum_k ||sum of node k's embeddings||^2, the same quantity that
 node (what :func:`cooccurrence_locality` measures). Both live in [-1, 1], so neither swamps the
 other.
 
-Everything here is a plain function on numpy arrays; only :func:`save_placement` and
-:func:`load_placement` touch the disk.
+Everything here is a plain function on numpy arrays. The result, :class:`Placement`, and its
+files are in rcllm/store/placement.py, where serving reads them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 import faiss
 import numpy as np
+
+from rcllm.store.placement import Placement, token_imbalance
 
 __all__ = [
     "BALANCE_TOLERANCE",
     "COOCCURRENCE_WEIGHT",
     "PAIR_WINDOW",
-    "Placement",
     "add_node",
     "assign_clusters",
     "cooccurrence_locality",
@@ -49,12 +46,9 @@ __all__ = [
     "hash_placement",
     "intra_node_similarity",
     "kmeans",
-    "load_placement",
     "place_items",
     "place_new",
     "random_placement",
-    "save_placement",
-    "token_imbalance",
 ]
 
 BALANCE_TOLERANCE = 0.10  # every node's tokens within ±10% of the mean
@@ -65,46 +59,10 @@ PAIR_WINDOW = 20
 _MAX_SEARCH_PASSES = 20
 _RESTARTS = 4
 
-_ARRAYS_FILE = "placement.npz"
-_INDEX_FILE = "centroids.faiss"
-
 
 # --------------------------------------------------------------------------------------------
-# the placement
+# token balance
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)  # numpy fields: compare the arrays, not the objects
-class Placement:
-    """Items -> clusters -> nodes. ``item_node`` is derived, so it never disagrees."""
-
-    centroids: np.ndarray  # float32 [c, d], L2-normalised
-    item_cluster: np.ndarray  # int64 [n]
-    cluster_node: np.ndarray  # int64 [c]
-    item_tokens: np.ndarray  # int64 [n], what the balance is measured in
-    n_nodes: int
-
-    @property
-    def item_node(self) -> np.ndarray:
-        """int64 [n]: the node holding each item."""
-        return self.cluster_node[self.item_cluster]
-
-    def node_tokens(self) -> np.ndarray:
-        """int64 [n_nodes]: the tokens each node holds."""
-        return _node_loads(self.item_node, self.item_tokens, self.n_nodes).astype(np.int64)
-
-    def imbalance(self) -> float:
-        """The largest relative deviation of a node's tokens from the mean (0.05 = ±5%)."""
-        return token_imbalance(self.node_tokens())
-
-
-def token_imbalance(node_tokens: np.ndarray) -> float:
-    """max_k |tokens_k / mean - 1|; 0 when there are no tokens."""
-    loads = np.asarray(node_tokens, dtype=np.float64)
-    mean = loads.mean() if len(loads) else 0.0
-    if mean <= 0:
-        return 0.0
-    return float(np.abs(loads / mean - 1.0).max())
 
 
 def _node_loads(node: np.ndarray, tokens: np.ndarray, n_nodes: int) -> np.ndarray:
@@ -593,74 +551,3 @@ def hash_placement(item_ids: Sequence[str], n_nodes: int) -> np.ndarray:
 def random_placement(n: int, n_nodes: int, seed: int = 0) -> np.ndarray:
     """int64 [n]: a seeded random placement with n/n_nodes items (±1) per node."""
     return (np.random.default_rng(seed).permutation(n) % n_nodes).astype(np.int64)
-
-
-# --------------------------------------------------------------------------------------------
-# on disk
-# --------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """``write(temporary path)``, fsync, then rename over ``path``: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _centroids_digest(centroids: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(centroids, dtype=np.float32).tobytes()).hexdigest()
-
-
-def save_placement(placement: Placement, folder: str | os.PathLike) -> None:
-    """Write ``centroids.faiss`` (the faiss index new items are placed with; the centroids' only
-    copy) then ``placement.npz`` (the assignment, and a digest of the centroids it belongs to)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    centroids = np.ascontiguousarray(placement.centroids, dtype=np.float32)
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
-    _write_atomic(folder / _INDEX_FILE, lambda tmp: faiss.write_index(index, tmp))
-    arrays = {
-        "item_cluster": np.asarray(placement.item_cluster, dtype=np.int64),
-        "cluster_node": np.asarray(placement.cluster_node, dtype=np.int64),
-        "item_tokens": np.asarray(placement.item_tokens, dtype=np.int64),
-        "n_nodes": np.int64(placement.n_nodes),
-        "centroids_sha256": np.str_(_centroids_digest(centroids)),
-    }
-
-    def write_arrays(tmp: str) -> None:
-        with open(tmp, "wb") as handle:  # a file object: np.savez would add ".npz" to a name
-            np.savez(handle, **arrays)
-
-    _write_atomic(folder / _ARRAYS_FILE, write_arrays)
-
-
-def load_placement(folder: str | os.PathLike) -> Placement:
-    """Read what :func:`save_placement` wrote; refuses files that do not belong together."""
-    folder = Path(folder)
-    for name in (_INDEX_FILE, _ARRAYS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} holds no placement: {name} is missing")
-    index = faiss.read_index(str(folder / _INDEX_FILE))
-    centroids = index.reconstruct_n(0, index.ntotal).astype(np.float32).reshape(index.ntotal, index.d)
-    with np.load(folder / _ARRAYS_FILE, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
-    if str(arrays["centroids_sha256"]) != _centroids_digest(centroids):
-        raise ValueError(
-            f"{folder}: {_INDEX_FILE} and {_ARRAYS_FILE} come from different placements "
-            "(an interrupted save?); place the items again"
-        )
-    return Placement(
-        centroids=centroids,
-        item_cluster=arrays["item_cluster"],
-        cluster_node=arrays["cluster_node"],
-        item_tokens=arrays["item_tokens"],
-        n_nodes=int(arrays["n_nodes"]),
-    )

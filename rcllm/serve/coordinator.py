@@ -28,7 +28,6 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from rcllm.build.pipeline import HISTORIES_COPY
 from rcllm.data.formats import load_histories
 from rcllm.serve.costs import CostModel, kv_bytes_per_token
 from rcllm.serve.directory import ItemDirectory
@@ -38,6 +37,7 @@ from rcllm.serve.replication import REPLICA_SHARE, HotItems
 from rcllm.serve.routing import NodeView, RouteQuery, Router
 from rcllm.serve.schema import MAX_BODY_BYTES, RecommendRequest, check_known, parse_request
 from rcllm.store import Manifest, users_dir
+from rcllm.store.layout import HISTORIES_COPY
 
 DOWN_AFTER_FAILED_POLLS = 2
 RECENT_HISTORIES = 100_000  # computed history blocks remembered per (user, history), for affinity

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rcllm.build.pipeline import ITEM_IDS, ITEM_KEYS
-from rcllm.build.placement import load_placement
 from rcllm.store import placement_dir
+from rcllm.store.layout import ITEM_IDS, ITEM_KEYS
+from rcllm.store.placement import load_placement
 
 
 @dataclass(eq=False)

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rcllm.build.pipeline import CATALOG_COPY, HISTORIES_COPY
 from rcllm.data.catalog import load_catalog
 from rcllm.data.formats import load_histories
 from rcllm.engine.api import DTYPES, open_ranker
@@ -28,6 +27,7 @@ from rcllm.serve.costs import EWMA, CostModel, kv_bytes_per_token
 from rcllm.serve.directory import ItemDirectory
 from rcllm.serve.schema import CacheStats, RecommendRequest, RecommendResponse, check_known, make_response
 from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, users_dir
+from rcllm.store.layout import CATALOG_COPY, HISTORIES_COPY
 from rcllm.store.tiered import TieredBlockSource
 
 

@@ -1,4 +1,8 @@
-"""Where KV lives on disk: the per-node block store (shards + index) and the cache manifest."""
+"""Where KV lives on disk: the per-node block store (shards + index) and the cache manifest.
+
+Beside them, ``layout`` names the other files of a cache folder and ``placement`` holds the
+placement record (item -> cluster -> node) that build writes and serving reads.
+"""
 
 from rcllm.store.manifest import (
     IncompatibleCacheError,
