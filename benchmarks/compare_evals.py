@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from rcllm.eval.metrics import headline_hit_rate
+from rcllm.data.metrics import headline_hit_rate
 
 SAME = ("dataset", "candidates", "seed", "n_users", "n_requests", "calibration")
 

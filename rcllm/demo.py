@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rcllm.data.dataset import Dataset
+from rcllm.data.metrics import kendall_tau
 from rcllm.data.sampling import RankingRequest
-from rcllm.eval.metrics import kendall_tau
 
 STATE_FILE = "cluster.json"  # pids and addresses of the running demo cluster (removed at exit)
 
@@ -118,10 +118,10 @@ def run_demo(
     from rcllm.data.catalog import write_catalog
     from rcllm.data.formats import write_histories, write_interactions
     from rcllm.data.loaders import load_dataset
+    from rcllm.data.sampling import sample_requests
     from rcllm.engine.model_policy import default_policy
     from rcllm.engine.policy import parse_policy
     from rcllm.store import Manifest
-    from rcllm.eval.runner import EvalSettings, sample_eval_requests
     from rcllm.serve.client import send_all
     from rcllm.serve.cluster import LocalCluster
 
@@ -131,10 +131,8 @@ def run_demo(
         raise ValueError("the demo needs at least one node and one request")
     folder = settings.folder()
     dataset = load_dataset(settings.dataset, data_dir=settings.data_dir)
-    requests = sample_eval_requests(
-        dataset,
-        EvalSettings(users=settings.requests, requests_per_user=1, candidates=settings.candidates,
-                     history=settings.history, seed=settings.seed),
+    requests = sample_requests(
+        dataset, settings.requests, history=settings.history, candidates=settings.candidates, seed=settings.seed
     )
     if not requests:
         raise ValueError(f"{dataset.name}: no user has enough interactions for a leave-one-out request")
@@ -245,8 +243,8 @@ def _prefix_baseline(cache: Path, dataset: Dataset, requests: list[RankingReques
     in this process with as many threads as one node."""
     import torch
 
+    from rcllm.engine.prefix_cache import PrefixSystem
     from rcllm.engine.prompt import item_text
-    from rcllm.eval.systems import PrefixSystem
     from rcllm.serve.runner import open_cache_ranker
     from rcllm.store import Manifest
 

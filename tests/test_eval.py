@@ -106,7 +106,7 @@ def test_eval_command_writes_json_and_plot(tiny_models, tmp_path):
 
 
 def test_prefix_system_counts_the_items_a_reused_prefix_covers(setup):
-    from rcllm.eval.systems import PrefixSystem
+    from rcllm.engine.prefix_cache import PrefixSystem
 
     ranker, data, settings, requests, *_ = setup
     system = PrefixSystem(ranker, budget_bytes=1 << 30)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from rcllm.eval.metrics import (
+from rcllm.data.metrics import (
     headline_hit_rate,
     hit_rate,
     mrr,

@@ -7,7 +7,7 @@ import torch
 
 from rcllm.engine import BlockEngine, Segment
 from rcllm.engine.models import load_model
-from rcllm.eval.prefix_cache import PrefixCache
+from rcllm.engine.prefix_cache import PrefixCache
 
 
 @pytest.fixture(scope="module")

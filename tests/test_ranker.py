@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rcllm.data.metrics import kendall_tau, kl_divergence
 from rcllm.engine import BlockEngine, MemoryBlockCache, PromptBuilder, PromptTemplate, Ranker, item_text, uncached
 from rcllm.engine.models import load_model
-from rcllm.eval.metrics import kendall_tau, kl_divergence
 
 HISTORY = [f"Movie {i} ({1980 + i}); Drama" for i in range(5)]
 CANDIDATES = [f"Film number {i}; Comedy, Action" for i in range(8)]

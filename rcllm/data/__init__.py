@@ -6,4 +6,5 @@
   and ``prepare`` (``rcllm data prepare``)
 - ``splits``: per-user time split for training; ``sampling``: leave-one-out ranking requests
 - ``jsonl``: line-numbered error collection and atomic writes shared by the formats
+- ``metrics``: ranking quality and fidelity, plain functions (eval, train and the demo score with them)
 """

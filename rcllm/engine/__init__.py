@@ -1,4 +1,5 @@
-"""The block-aware inference engine: models, prompts as blocks, correction policies, ranking."""
+"""The block-aware inference engine: models, prompts as blocks, correction policies, ranking,
+and the prefix-caching baseline it is measured against (``prefix_cache``)."""
 
 from rcllm.engine.api import open_ranker, parse_dtype
 from rcllm.engine.blocks import BlockKV, Segment, uncached

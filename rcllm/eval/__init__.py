@@ -1,1 +1,1 @@
-"""Evaluation: protocol, metrics, systems and reports."""
+"""Evaluation: protocol, systems and reports (the metrics they score with are in rcllm.data.metrics)."""

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from rcllm.data.dataset import Dataset
+from rcllm.data.metrics import headline_hit_rate, kendall_tau, kl_divergence, rank_of
 from rcllm.data.sampling import sample_requests
 from rcllm.engine.blocks import uncached
 from rcllm.engine.model_policy import write_policy_file
 from rcllm.engine.policy import parse_policy
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import MemoryBlockCache, Ranker, Ranking
-from rcllm.eval.metrics import headline_hit_rate, kendall_tau, kl_divergence, rank_of
 from rcllm.eval.runner import fidelity
 
 # The grid of `rcllm check --sweep`, cheapest first; `full` is always measured as the reference.

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from rcllm.eval.metrics import headline_hit_rate
+from rcllm.data.metrics import headline_hit_rate
 
 
 def result_tables(result: dict) -> tuple[Table, Table]:

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rcllm.data.dataset import Dataset
+from rcllm.data.metrics import kendall_tau, kl_divergence, popularity_ranking, random_expectation, rank_of, summarize
 from rcllm.data.sampling import RankingRequest, sample_requests
 from rcllm.engine.policy import parse_policy
+from rcllm.engine.prefix_cache import PrefixSystem
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import BlockSource, Ranker, Ranking
-from rcllm.eval.metrics import kendall_tau, kl_divergence, popularity_ranking, random_expectation, rank_of, summarize
-from rcllm.eval.systems import FullSystem, PrefixSystem, RcllmSystem, parse_systems
+from rcllm.eval.systems import FullSystem, RcllmSystem, parse_systems
 
 
 @dataclass

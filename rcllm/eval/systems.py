@@ -1,20 +1,17 @@
 """The systems compared by ``rcllm eval``, all on the same requests and the same token ids.
 
-``full``: plain prefill. ``prefix``: hash-chained prefix cache (16-token blocks, LRU).
-``rcllm:<policy>``: history and item blocks from a block source, spliced and corrected.
-Each returns the engine's :class:`Ranking` so that metrics and fidelity read one shape.
+``full``: plain prefill. ``prefix``: hash-chained prefix cache (16-token blocks, LRU), in
+:mod:`rcllm.engine.prefix_cache` since the demo runs it too. ``rcllm:<policy>``: history and
+item blocks from a block source, spliced and corrected. Each returns the engine's
+:class:`Ranking` so that metrics and fidelity read one shape.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-
-import torch
 
 from rcllm.engine.policy import parse_policy
 from rcllm.engine.ranker import BlockSource, Ranker, Ranking
-from rcllm.eval.prefix_cache import PrefixCache
 
 
 def parse_systems(spec: str | Sequence[str]) -> list[str]:
@@ -53,30 +50,3 @@ class RcllmSystem:
 
     def rank(self, history: Sequence[str], candidates: Sequence[str]) -> Ranking:
         return self.ranker.rank(history, candidates, self.policy, self.source)
-
-
-class PrefixSystem:
-    name = "prefix"
-
-    def __init__(self, ranker: Ranker, budget_bytes: int, block_size: int = 16):
-        self.ranker = ranker
-        self.cache = PrefixCache(ranker.engine, budget_bytes, block_size)
-
-    def rank(self, history: Sequence[str], candidates: Sequence[str]) -> Ranking:
-        ranker, n = self.ranker, len(candidates)
-        start = time.perf_counter()
-        segments, _ = ranker.segments(history, candidates)
-        ids = torch.cat([s.token_ids for s in segments])
-        result, hit = self.cache.forward(ids)
-        ttft_ms = (time.perf_counter() - start) * 1000.0
-        # what the reused prefix covered: part of the history, and any item wholly inside it
-        ends, pos = {}, 0
-        for s in segments:
-            pos += s.n_tokens
-            ends.setdefault(s.name, []).append(pos)
-        item_hits = sum(end <= hit.tokens for end in ends.get("item", []))
-        return ranker.make_ranking(
-            result, n, "prefix", ttft_ms,
-            user_hit=hit.tokens > ends["system"][0],  # the reused prefix reaches into the history
-            item_hits=item_hits, item_misses=n - item_hits,
-        )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rcllm.eval.metrics import headline_hit_rate
+from rcllm.data.metrics import headline_hit_rate
 from rcllm.train.masks import block_aware_step
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from rcllm.data.metrics import popularity_ranking, random_expectation, rank_of, summarize
 from rcllm.engine.forward import BlockEngine
 from rcllm.engine.models import LoadedModel
 from rcllm.engine.prompt import PromptBuilder
 from rcllm.engine.ranker import CALIBRATIONS, MemoryBlockCache, Ranker
-from rcllm.eval.metrics import popularity_ranking, random_expectation, rank_of, summarize
 from rcllm.train.examples import Example, PromptEncoder
 
 

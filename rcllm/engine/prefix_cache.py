@@ -4,18 +4,22 @@ A prompt's ids are cut into fixed blocks of ``block_size`` tokens; block ``i`` i
 hash of (key of block ``i-1``, its own ids), so a key names a whole prefix. A request reuses
 the longest run of leading blocks already cached, computes the rest, and then caches every
 full block of its own prompt, evicting the least recently used blocks beyond a byte budget.
+:class:`PrefixSystem` ranks with it: the baseline that ``rcllm eval`` and ``rcllm demo`` run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from rcllm.engine.blocks import BlockKV, Segment, context_hash
 from rcllm.engine.forward import BlockEngine, ForwardResult
+from rcllm.engine.ranker import Ranker, Ranking
 
 
 @dataclass
@@ -78,3 +82,30 @@ class PrefixCache:
             self.nbytes -= k.nbytes + v.nbytes
         result.keys = result.values = None
         return result, PrefixHit(tokens=n_cached, blocks=hit)
+
+
+class PrefixSystem:
+    name = "prefix"
+
+    def __init__(self, ranker: Ranker, budget_bytes: int, block_size: int = 16):
+        self.ranker = ranker
+        self.cache = PrefixCache(ranker.engine, budget_bytes, block_size)
+
+    def rank(self, history: Sequence[str], candidates: Sequence[str]) -> Ranking:
+        ranker, n = self.ranker, len(candidates)
+        start = time.perf_counter()
+        segments, _ = ranker.segments(history, candidates)
+        ids = torch.cat([s.token_ids for s in segments])
+        result, hit = self.cache.forward(ids)
+        ttft_ms = (time.perf_counter() - start) * 1000.0
+        # what the reused prefix covered: part of the history, and any item wholly inside it
+        ends, pos = {}, 0
+        for s in segments:
+            pos += s.n_tokens
+            ends.setdefault(s.name, []).append(pos)
+        item_hits = sum(end <= hit.tokens for end in ends.get("item", []))
+        return ranker.make_ranking(
+            result, n, "prefix", ttft_ms,
+            user_hit=hit.tokens > ends["system"][0],  # the reused prefix reaches into the history
+            item_hits=item_hits, item_misses=n - item_hits,
+        )
