@@ -220,3 +220,79 @@ def test_a_training_step_uses_the_attention_its_mode_names(tmp_path, tiny_models
             losses[aware] = label_loss(logits, batch, PromptBuilder(lm.tokenizer).label_token_ids).item()
     assert abs(losses[True] - losses[False]) > 1e-3
     assert recorded == pytest.approx(losses[mode == "on"], abs=1e-5)
+
+
+# --- match loss at the label tokens ------------------------------------------------------------
+
+
+def test_match_scores_read_each_label_token_as_a_plain_prefill_computes_it(linked):
+    """The batch's label positions are the label tokens, and the match score there is the stock
+    model's logit(yes) - logit(no) at that token (plain prefill)."""
+    from rcllm.train.forward import match_scores
+
+    prompts = _encode(linked, [(HISTORY, CANDIDATES)])
+    lm, builder = linked.engine.lm, linked.builder
+    batch = collate(prompts, block_aware=False)
+    label_ids = {int(builder.label_ids(slot)[-1]) for slot in range(len(CANDIDATES))}
+    assert {int(batch.ids[0, p]) for p in batch.labels[0]} == label_ids
+    yes, no = builder.match_token_ids()
+    with torch.no_grad():
+        states: list = []
+        answer_logits(lm.model, batch, lm.inv_freq, lm.head_dim, labels=states)
+        scores = match_scores(lm.model, states[0], (yes, no))
+        stock = lm.model(batch.ids).logits[0]
+    expected = stock[batch.labels[0], yes] - stock[batch.labels[0], no]
+    assert scores.shape == (1, len(CANDIDATES))
+    assert (scores[0] - expected).abs().max() < 1e-4
+
+
+def test_match_loss_is_trained_reported_and_probed_under_reuse(tmp_path, tiny_models):
+    data = make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
+    settings = TrainSettings(
+        out=tmp_path / "m", model=str(tiny_models["llama"]), method="full", steps=30, batch=4, lr=3e-3, history=2,
+        candidates=4, block_aware="on", eval_every=30, val_users=4, amp="off", schedule="constant", recent=1,
+        match_weight=1.0,
+    )
+    report = train(settings, dataset=data).report
+    match = [p["match"] for p in report["loss_parts"]]
+    assert len(match) == 30 and sum(match[-5:]) < sum(match[:5])
+    assert set(report["evals"][-1]["match_hr1"]) == {"plain", "reuse"}
+    without = TrainSettings(**{**settings.__dict__, "out": tmp_path / "m2", "steps": 1, "match_weight": 0.0})
+    assert "match" not in train(without, dataset=data).report["loss_parts"][0]
+    with pytest.raises(ValueError, match="match-weight"):
+        TrainSettings(out=tmp_path / "x", match_weight=-1.0).check()
+
+
+# --- curriculum: recomputed item tails ----------------------------------------------------------
+
+
+def test_recomputed_tails_run_from_a_plain_prefill_to_reuse_without_correction(linked):
+    """Tails of share 1 are a plain causal prefill, share 0 is serving with ``none``; in between
+    the logits lie elsewhere (the tails read the history)."""
+    from rcllm.train.masks import with_recomputed_tails
+
+    prompts = _encode(linked, [(HISTORY, CANDIDATES), (HISTORY[:2], CANDIDATES[::-1])])
+    lm = linked.engine.lm
+    with torch.no_grad():
+        run = {s: answer_logits(lm.model, collate(prompts, True, tails=s), lm.inv_freq, lm.head_dim) for s in (0, 0.5, 1)}
+        plain = answer_logits(lm.model, collate(prompts, False), lm.inv_freq, lm.head_dim)
+        none = answer_logits(lm.model, collate(prompts, True), lm.inv_freq, lm.head_dim)
+    assert (run[1] - plain).abs().max() < 1e-4
+    assert (run[0] - none).abs().max() < 1e-6
+    assert min((run[0.5] - plain).abs().max(), (run[0.5] - none).abs().max()) > 1e-4
+    layout = prompts[0].layout
+    half = with_recomputed_tails(layout, 0.5)
+    assert sum(n for _, n in half) == sum(n for _, n in layout)
+    items = [n for name, n in layout if name == "item"]
+    tails = [n for name, n in half if name == "item_tail"]
+    assert tails == [-(-n // 2) for n in items]
+    with pytest.raises(ValueError, match="within"):
+        with_recomputed_tails(layout, 1.5)
+
+
+def test_the_curriculum_shrinks_the_tails_step_by_step(tmp_path):
+    settings = TrainSettings(out=tmp_path / "x", block_aware="on", curriculum=4)
+    assert [settings.tails_at(s) for s in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert TrainSettings(out=tmp_path / "x").tails_at(0) == 0.0
+    with pytest.raises(ValueError, match="curriculum"):
+        TrainSettings(out=tmp_path / "x", block_aware="off", curriculum=4).check()

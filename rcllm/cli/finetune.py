@@ -15,7 +15,7 @@ err = Console(stderr=True)
 
 DATASET_HELP = "ml-1m | ml-100k | synthetic | a folder with catalog.jsonl and interactions.jsonl."
 from rcllm.cli import DATA_DIR_HELP
-from rcllm.eval.metrics import headline_hit_rate
+from rcllm.data.metrics import headline_hit_rate
 
 MODEL_HELP = "Model to start from: the embedded 'smollm2-135m', a local folder, or a Hugging Face id."
 
@@ -71,6 +71,15 @@ def finetune(
     distill_weight: float = typer.Option(1.0, min=0.0, help="Weight of the KL term (with --teacher)."),
     hidden_weight: float = typer.Option(1.0, min=0.0, help="Weight of the hidden-state term (with --teacher; 0: off)."),
     temperature: float = typer.Option(2.0, min=0.01, help="Softening temperature of the KL term (with --teacher)."),
+    match_weight: float = typer.Option(
+        0.0, min=0.0, help="Weight of the match loss: at every label token, logit(yes) - logit(no) ranks the candidates "
+        "(cross-entropy of the positive), so the comparison of item and history is learnt where reuse recomputes it. 0: off.",
+    ),
+    curriculum: int = typer.Option(
+        0, min=0, help="Steps over which the recomputed tail of every item block shrinks from the whole "
+        "item (a plain prefill) to nothing (reuse without correction), linearly; later steps train reuse as served. "
+        "0: no curriculum.",
+    ),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run whose checkpoint is in OUT.ckpt."),
@@ -90,7 +99,7 @@ def finetune(
         candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
         val_users=val_users, lora_rank=lora_rank, amp=amp, schedule=schedule, train_layers=train_layers, recent=recent,
         link_tokens=link_tokens, teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
-        temperature=temperature, data_dir=data_dir, resume=resume,
+        temperature=temperature, match_weight=match_weight, curriculum=curriculum, data_dir=data_dir, resume=resume,
     )
     k = headline_hit_rate(candidates)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
@@ -117,7 +126,7 @@ def finetune(
                     split = f" ({_loss_split(mean_by_attention(window))})" if settings.block_aware == "mix" else ""
                     terms = "".join(
                         f", {name} {sum(e[name] for e in extra if name in e) / n:.3f}"
-                        for name in ("kl", "hidden", "grad_norm")
+                        for name in ("tails", "kl", "hidden", "match", "grad_norm")
                         if (n := sum(name in e for e in extra))
                     )
                     progress.console.print(
@@ -132,6 +141,12 @@ def finetune(
                         f"step {step}: validation {k.upper()} {v['contextual'][k]:.3f} (contextual), "
                         f"{v['none'][k]:.3f} (uncalibrated), {v['reuse_none'][k]:.3f} (cached blocks, policy none; "
                         f"top-1 agreement {v['reuse_none']['top1_agree']:.2f})"
+                    )
+                if "match_hr1" in logs:
+                    m = logs["match_hr1"]
+                    progress.console.print(
+                        f"step {step}: candidates ranked by their label tokens' match score, HR@1 {m['plain']:.3f} "
+                        f"(plain prefill), {m['reuse']:.3f} (cached blocks, policy none)"
                     )
 
             result = train(settings, progress=report)

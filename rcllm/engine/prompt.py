@@ -33,6 +33,9 @@ LABELS = string.ascii_uppercase
 TEMPLATE_FILE = "rcllm-template.json"  # in a model folder: the prompt template the model was trained with
 
 
+MATCH_WORDS = (" yes", " no")
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     system: str = (
@@ -132,6 +135,14 @@ class PromptBuilder:
                 "pick a link text that is one token however often it repeats"
             )
         return ids
+
+    def match_token_ids(self) -> tuple[int, int]:
+        """The tokens (`` yes``, `` no``) whose logit difference at a label token scores its item
+        as a match for the history (what ``rcllm finetune --match-weight`` trains)."""
+        ids = [self._encode(word) for word in MATCH_WORDS]
+        if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
+            raise ValueError(f"this tokenizer does not spell {MATCH_WORDS} as two distinct single tokens")
+        return ids[0][0], ids[1][0]
 
     def link_ids(self) -> torch.Tensor:
         """The fresh link tokens that follow every item block (empty without link tokens)."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from rcllm import kernels
 from rcllm.train.examples import EncodedPrompt
-from rcllm.train.masks import block_attention_mask, block_positions, block_token_flags
+from rcllm.train.masks import block_attention_mask, block_positions, block_token_flags, with_recomputed_tails
 
 
 @dataclass
@@ -41,14 +41,20 @@ class Batch:
     targets: torch.Tensor  # long [B]: the positive's slot
     n_candidates: int
     fresh: torch.Tensor  # bool [B, L]: recomputed under reuse (labels, links, instruction), not padding
+    labels: torch.Tensor  # long [B, C]: index of each candidate's label token (the last token after its item)
 
     @property
     def block_aware(self) -> bool:
         return self.mask.shape[-1] == 2 * self.ids.shape[1]
 
 
-def collate(prompts: Sequence[EncodedPrompt], block_aware: bool, device: torch.device | str = "cpu") -> Batch:
-    """Pad prompts into one batch with the masks and positions of a plain or block-aware forward."""
+def collate(
+    prompts: Sequence[EncodedPrompt], block_aware: bool, device: torch.device | str = "cpu", tails: float = 0.0
+) -> Batch:
+    """Pad prompts into one batch with the masks and positions of a plain or block-aware forward.
+
+    ``tails`` (block-aware only): the share of every item block's last tokens that are recomputed
+    (:func:`with_recomputed_tails`); 0 is reuse without correction."""
     if not prompts:
         raise ValueError("an empty batch")
     n_candidates = prompts[0].n_candidates
@@ -71,11 +77,13 @@ def collate(prompts: Sequence[EncodedPrompt], block_aware: bool, device: torch.d
         if not block_aware:
             mask[row, 0, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
             continue
-        allowed = block_attention_mask(prompt.layout)
-        in_block = block_token_flags(prompt.layout)[:, None]
-        mask[row, 0, :n, :n] = allowed & in_block
-        mask[row, 0, :n, width : width + n] = allowed & ~in_block
-        query_positions[row, :n] = block_positions(prompt.layout)
+        layout = with_recomputed_tails(prompt.layout, tails) if tails else prompt.layout
+        allowed = block_attention_mask(layout)
+        in_block = block_token_flags(layout)
+        fresh[row, layout[0][1] : n] = ~in_block[layout[0][1] :]
+        mask[row, 0, :n, :n] = allowed & in_block[:, None]
+        mask[row, 0, :n, width : width + n] = allowed & ~in_block[:, None]
+        query_positions[row, :n] = block_positions(layout)
     return Batch(
         ids=ids.to(device),
         positions=positions.to(device),
@@ -85,7 +93,15 @@ def collate(prompts: Sequence[EncodedPrompt], block_aware: bool, device: torch.d
         targets=torch.tensor([p.target for p in prompts], device=device),
         n_candidates=n_candidates,
         fresh=fresh.to(device),
+        labels=torch.stack([_label_positions(p) for p in prompts]).to(device),
     )
+
+
+def _label_positions(prompt: EncodedPrompt) -> torch.Tensor:
+    ends = [end - 1 for start, end in _spans(prompt.layout, "label")]
+    if len(ends) != prompt.n_candidates:
+        raise ValueError(f"a prompt of {prompt.n_candidates} candidates with {len(ends)} labels")
+    return torch.tensor(ends)
 
 
 def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -129,20 +145,48 @@ def _layer(
 
 
 def answer_logits(
-    model, batch: Batch, inv_freq: torch.Tensor, head_dim: int, hidden: list | None = None, probe: list | None = None
+    model,
+    batch: Batch,
+    inv_freq: torch.Tensor,
+    head_dim: int,
+    hidden: list | None = None,
+    probe: list | None = None,
+    labels: list | None = None,
 ) -> torch.Tensor:
     """Next-token logits [B, vocab] at each prompt's last token (``model``: a *ForCausalLM).
 
     ``hidden``, when given, receives each layer's output [B, L, D]; ``probe`` each layer's
-    attention weights [B, L, L] (heads averaged)."""
+    attention weights [B, L, L] (heads averaged); ``labels`` the final normed states of the label
+    tokens [B, C, D] (what :func:`match_scores` reads)."""
     decoder = model.model
     h = decoder.embed_tokens(batch.ids)
     for layer in decoder.layers:
         h = _layer(layer, h, batch, inv_freq, head_dim, probe)
         if hidden is not None:
             hidden.append(h)
-    last = h[torch.arange(h.shape[0], device=h.device), batch.answer]
-    return model.lm_head(decoder.norm(last))
+    rows = torch.arange(h.shape[0], device=h.device)
+    if labels is not None:
+        labels.append(decoder.norm(h[rows[:, None], batch.labels]))
+    return model.lm_head(decoder.norm(h[rows, batch.answer]))
+
+
+def match_scores(model, label_states: torch.Tensor, match_ids: Sequence[int]) -> torch.Tensor:
+    """Per candidate, ``logit(yes) - logit(no)`` at its label token [B, C]: whether the label,
+    reading its own item and the history, judges the item a match. ``match_ids``: the (yes, no)
+    token ids."""
+    weight = model.lm_head.weight[list(match_ids)]
+    logits = label_states @ weight.T.to(label_states.dtype)
+    bias = getattr(model.lm_head, "bias", None)
+    if bias is not None:
+        logits = logits + bias[list(match_ids)]
+    return (logits[..., 0] - logits[..., 1]).float()
+
+
+def match_loss(scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of the positive among the candidates' match scores: a listwise signal *at each
+    label token*, where under reuse the comparison of item and history has to happen (the answer
+    token can only pick a label; it cannot read an item that never saw the history)."""
+    return F.cross_entropy(scores, batch.targets)
 
 
 def label_loss(logits: torch.Tensor, batch: Batch, label_token_ids: Sequence[int]) -> torch.Tensor:
@@ -242,5 +286,24 @@ def probe_label_attention(
         batch = collate(prompts, True, next(model.parameters()).device)
         answer_logits(model, batch, inv_freq, head_dim, probe=weights)
         return label_attention(weights, prompts)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def probe_match(model, prompts: Sequence[EncodedPrompt], inv_freq: torch.Tensor, head_dim: int, match_ids) -> dict:
+    """HR@1 of the candidates ranked by their :func:`match_scores`, under a plain prefill and under
+    the block-aware pattern (= serving with every block cached and no correction)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = {}
+        device = next(model.parameters()).device
+        for name, aware in (("plain", False), ("reuse", True)):
+            batch, states = collate(prompts, aware, device), []
+            answer_logits(model, batch, inv_freq, head_dim, labels=states)
+            top = match_scores(model, states[0], match_ids).argmax(-1)
+            out[name] = float((top == batch.targets).float().mean())
+        return out
     finally:
         model.train(was_training)

@@ -45,6 +45,9 @@ from rcllm.train.forward import (
     distill_loss,
     hidden_loss,
     label_loss,
+    match_loss,
+    match_scores,
+    probe_match,
     probe_label_attention,
 )
 from rcllm.train.masks import block_aware_step
@@ -60,7 +63,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
 RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
                "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers", "recent", "link_tokens",
-               "teacher", "distill_weight", "hidden_weight", "temperature")  # fmt: skip
+               "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
 LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
 DISTILL_LOSS = (
@@ -98,6 +101,8 @@ class TrainSettings:
     distill_weight: float = 1.0
     hidden_weight: float = 1.0
     temperature: float = 2.0
+    match_weight: float = 0.0  # weight of the match loss at the label tokens (every step)
+    curriculum: int = 0  # steps over which the recomputed tail of each item (block-aware steps) falls from all to none
     data_dir: Path | None = None
     resume: bool = False
 
@@ -130,8 +135,12 @@ class TrainSettings:
             raise ValueError(f"--link-tokens {self.link_tokens}: between 0 and 16 fresh tokens after each item")
         if self.teacher is not None and self.block_aware == "off":
             raise ValueError("--teacher distils block-aware steps: pass --block-aware on or mix with it")
-        if min(self.distill_weight, self.hidden_weight) < 0 or self.temperature <= 0:
-            raise ValueError("--distill-weight and --hidden-weight must be >= 0 and --temperature > 0")
+        if min(self.distill_weight, self.hidden_weight, self.match_weight) < 0 or self.temperature <= 0:
+            raise ValueError("--distill-weight, --hidden-weight and --match-weight must be >= 0 and --temperature > 0")
+        if self.curriculum < 0:
+            raise ValueError("--curriculum must be >= 0 steps (0: no curriculum)")
+        if self.curriculum and self.block_aware == "off":
+            raise ValueError("--curriculum shapes block-aware steps: pass --block-aware on or mix with it")
         if self.steps < 0 or self.history < 0:
             raise ValueError("steps and history must be >= 0")
         if not self.lr or self.lr <= 0:
@@ -160,6 +169,11 @@ class TrainSettings:
 
     def block_aware_at(self, step: int) -> bool:
         return block_aware_step(self.block_aware, step)
+
+    def tails_at(self, step: int) -> float:
+        """The share of each item block recomputed at block-aware step ``step``: from 1 (a plain
+        prefill) down to 0 (reuse without correction) linearly over ``curriculum`` steps."""
+        return max(0.0, 1.0 - step / self.curriculum) if self.curriculum else 0.0
 
 
 def _template(lm: LoadedModel, settings: TrainSettings) -> PromptTemplate:
@@ -337,6 +351,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     lm = load_model(settings.model, device=settings.device, dtype=torch.float32)
     template = _template(lm, settings)
     builder = PromptBuilder(lm.tokenizer, template)
+    match_ids = builder.match_token_ids()
     teacher = _load_teacher(settings, lm)
     encoder = PromptEncoder(Ranker(BlockEngine(lm), builder), dataset.items)
     peft_model = _prepare(lm, settings)
@@ -349,7 +364,8 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     state["settings"] = settings.to_json()
     state["template"] = template.to_dict()
     base = baselines(stream.validation, stream.popularity)
-    probe_prompts = [encoder.encode(e) for e in stream.validation[: settings.batch]]
+    val_prompts = [encoder.encode(e) for e in stream.validation]
+    probe_prompts = val_prompts[: settings.batch]
 
     def evaluate(logs: dict) -> None:
         started = time.perf_counter()
@@ -362,6 +378,8 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             "val": validate(lm, builder, encoder, stream.validation),
             "label_attention": probe_label_attention(model, probe_prompts, lm.inv_freq, lm.head_dim),
         }
+        if settings.match_weight:
+            entry["match_hr1"] = logs["match_hr1"] = probe_match(model, val_prompts, lm.inv_freq, lm.head_dim, match_ids)
         state["seconds"]["validation"] += time.perf_counter() - started
         state["evals"].append(entry)
         logs["val"] = entry["val"]
@@ -387,18 +405,24 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             started = time.perf_counter()
             prompts = [encoder.encode(e) for e in stream.batch(step, settings.batch)]
             aware = settings.block_aware_at(step)
-            batch = collate(prompts, aware, lm.device)
+            tails = settings.tails_at(step) if aware else 0.0
+            batch = collate(prompts, aware, lm.device, tails)
             distil = teacher is not None and aware
             hidden: list | None = [] if distil and settings.hidden_weight else None
+            states: list | None = [] if settings.match_weight else None
             with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = answer_logits(model, batch, lm.inv_freq, lm.head_dim, hidden)
+                logits = answer_logits(model, batch, lm.inv_freq, lm.head_dim, hidden, labels=states)
                 if distil:
                     with torch.no_grad():
                         taught: list | None = [] if hidden is not None else None
                         plain = collate(prompts, False, lm.device)
                         teacher_logits = answer_logits(teacher.model, plain, teacher.inv_freq, teacher.head_dim, taught)
             loss = label_loss(logits, batch, label_ids)
-            parts = {"ce": loss.item()}
+            parts = {"ce": loss.item(), **({"tails": tails} if settings.curriculum else {})}
+            if states is not None:
+                m = match_loss(match_scores(model, states[0], match_ids), batch)
+                parts["match"] = m.item()
+                loss = loss + settings.match_weight * m
             if distil:
                 kl = distill_loss(logits, teacher_logits, batch, label_ids, settings.temperature)
                 parts["kl"] = kl.item()

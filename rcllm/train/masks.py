@@ -9,6 +9,7 @@ of ``(segment name, token count)`` as :meth:`Ranker.segments` names them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,27 @@ def block_aware_step(mode: str, step: int) -> bool:
     """Whether training step ``step`` (from 0) uses this pattern under ``--block-aware`` ``mode``:
     every step with ``on``, the even ones with ``mix``, none with ``off``."""
     return mode == "on" or (mode == "mix" and step % 2 == 0)
+
+
+def with_recomputed_tails(layout: Layout, share: float) -> list[tuple[str, int]]:
+    """``layout`` with the last ``ceil(share * n)`` tokens of every item block of ``n`` tokens
+    recomputed: split off as an ``item_tail`` segment, which is not a block kind and so sees the
+    whole prompt before it at its real position, as the engine's recomputed tokens do.
+
+    ``share`` 1 is a plain causal prefill of the items (the history follows the system prefix,
+    where its cached KV is exact anyway); 0 is reuse without correction. Training along that path
+    (``rcllm finetune --curriculum``) moves the comparison of each item with the history from
+    all of the item's tokens towards the fresh tokens after it, a few tokens at a time."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"a recomputed share of {share} is not within [0, 1]")
+    out: list[tuple[str, int]] = []
+    for name, n in layout:
+        k = min(n, math.ceil(round(share * n, 9))) if name == "item" else 0
+        if n - k:
+            out.append((name, n - k))
+        if k:
+            out.append(("item_tail", k))
+    return out
 
 
 def _segment_index(layout: Layout) -> torch.Tensor:
