@@ -19,7 +19,7 @@ from rcllm.engine.models import load_model
 from rcllm.kernels import rerotate
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
-POLICIES = ("none", "boundary:3", "deviation:0.3", "full")
+POLICIES = ("none", "boundary:3", "tail:3", "deviation:0.3", "full")
 LOGIT_TOL = 1e-4
 KV_TOL = 1e-5
 
@@ -318,7 +318,7 @@ def test_every_policy_equals_full_without_cached_segments(tiny, policy):
     assert result.recomputed_fraction == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("policy", ["deviation:1", "boundary:1000"])
+@pytest.mark.parametrize("policy", ["deviation:1", "boundary:1000", "tail:1000"])
 def test_policies_selecting_every_token_equal_full_whatever_the_cache(tiny, policy):
     lm, engine = tiny
     segments = moved_prompt(lm, engine, seed=17)
@@ -347,6 +347,9 @@ def test_policies_are_ordered_in_recomputation_and_full_is_exact(tiny):
     # The bookkeeping is exact (the prompt ends with a fresh segment).
     assert frac["none"] == pytest.approx(n_fresh / length)
     assert frac["boundary:2"] == pytest.approx((n_fresh + 2 * n_blocks) / length)
+    tail = engine.forward(segments, "tail:2")
+    assert tail.recomputed_fraction == pytest.approx((n_fresh + 2 * n_blocks) / length)
+    assert max_diff(tail.logits, results["boundary:2"].logits) > 0  # the other end of every block
     check = max(0, min(1, n_layers - 2))
     dev_tokens = (check + 1) * length + (n_layers - check - 1) * (n_fresh + math.ceil(0.5 * n_cached))
     assert frac["deviation:0.5"] == pytest.approx(dev_tokens / (length * n_layers))
@@ -444,8 +447,11 @@ class Reference:
                 cache_k[:, :, start : start + seg.n_tokens] = bk[:, :, context.numel() :]
                 cache_v[:, :, start : start + seg.n_tokens] = bv[:, :, context.numel() :]
                 is_cached[start : start + seg.n_tokens] = True
-                k = int(policy.split(":")[1]) if policy.startswith("boundary:") else 0
-                boundary[start : start + min(k, seg.n_tokens)] = True
+                k = min(int(policy.split(":")[1]) if policy.startswith(("boundary:", "tail:")) else 0, seg.n_tokens)
+                if policy.startswith("tail:"):  # the block's last k tokens
+                    boundary[start + seg.n_tokens - k : start + seg.n_tokens] = True
+                else:
+                    boundary[start : start + k] = True
             start += seg.n_tokens
         last = torch.arange(n) == n - 1
         kind = policy.split(":")[0]
@@ -455,7 +461,7 @@ class Reference:
         def select(layer, k, v, cached_k, cached_v):
             if kind == "none":
                 return last.clone()
-            if kind == "boundary":
+            if kind in ("boundary", "tail"):
                 return boundary | last
             if layer <= check:  # deviation
                 if layer == check:
@@ -681,7 +687,7 @@ def test_compute_block_after_a_context_not_at_position_0_raises(tiny):
         engine.compute_block(rand_ids(lm, 3, 29), mid)
 
 
-@pytest.mark.parametrize("policy", ["bogus", "boundary:-1", "deviation:2", "none:1", ""])
+@pytest.mark.parametrize("policy", ["bogus", "boundary:-1", "tail:-1", "tail:x", "deviation:2", "none:1", ""])
 def test_unknown_policy_raises(tiny, policy):
     lm, engine = tiny
     with pytest.raises(ValueError, match="expected none"):

@@ -177,7 +177,8 @@ class BlockEngine:
         fresh = torch.cat([torch.full((s.n_tokens,), s.kv is None or policy.kind == "full") for s in segments])
         exact = torch.cat([torch.full((s.n_tokens,), e) for s, e in zip(segments, self._exact(segments, ids))])
         offset = torch.cat([torch.arange(s.n_tokens) for s in segments])
-        selected = base_selection(policy, fresh, offset, exact)
+        remaining = torch.cat([torch.arange(s.n_tokens - 1, -1, -1) for s in segments])
+        selected = base_selection(policy, fresh, offset, exact, remaining)
         selected[-1] = True
         return ids, fresh, exact, selected.nonzero().flatten()
 

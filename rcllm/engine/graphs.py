@@ -11,7 +11,7 @@ layer loop touches lives at a fixed address, so the loop is captured once per si
   position: they attend and write only there, and no real token can see them;
 - the logits are read at a row given by a buffer, so one graph serves every m in its bucket.
 
-Policies whose recomputed set is the same in every layer (``none``, ``boundary:K``, ``full``)
+Policies whose recomputed set is the same in every layer (``none``, ``boundary:K``, ``tail:K``, ``full``)
 run here; ``deviation`` narrows its set after a check layer on the host, so it stays with
 :meth:`BlockEngine.forward`. On CPU the same static pass runs eagerly (no graph): that is what
 the tests compare with the engine's own forward.

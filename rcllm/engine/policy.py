@@ -11,36 +11,36 @@ from dataclasses import dataclass
 
 import torch
 
-POLICY_HELP = "none | boundary:K | deviation:R | full"
+POLICY_HELP = "none | boundary:K | tail:K | deviation:R | full"
 
 
 @dataclass(frozen=True)
 class Policy:
-    kind: str  # "none" | "boundary" | "deviation" | "full"
-    k: int = 0  # boundary: first k tokens of every cached block
+    kind: str  # "none" | "boundary" | "tail" | "deviation" | "full"
+    k: int = 0  # boundary: first k tokens of every cached block; tail: its last k
     ratio: float = 0.0  # deviation: fraction of cached tokens recomputed after the check layer
     check_layer: int = 1  # deviation: layers 0..check_layer are recomputed in full
 
     def __str__(self) -> str:
-        if self.kind == "boundary":
-            return f"boundary:{self.k}"
+        if self.kind in ("boundary", "tail"):
+            return f"{self.kind}:{self.k}"
         if self.kind == "deviation":
             return f"deviation:{self.ratio:g}"
         return self.kind
 
 
 def parse_policy(text: str | Policy) -> Policy:
-    """``none``, ``full``, ``boundary:K`` (K >= 0 tokens) or ``deviation:R`` (0 <= R <= 1)."""
+    """``none``, ``full``, ``boundary:K`` or ``tail:K`` (K >= 0 tokens) or ``deviation:R`` (0 <= R <= 1)."""
     if isinstance(text, Policy):
         return text
     name, _, arg = str(text).strip().partition(":")
     try:
         if name in ("none", "full") and not arg:
             return Policy(name)
-        if name == "boundary":
+        if name in ("boundary", "tail"):
             k = int(arg)
             if k >= 0:
-                return Policy("boundary", k=k)
+                return Policy(name, k=k)
         if name == "deviation":
             ratio = float(arg)
             if 0.0 <= ratio <= 1.0:
@@ -51,14 +51,21 @@ def parse_policy(text: str | Policy) -> Policy:
 
 
 def base_selection(
-    policy: Policy, fresh: torch.Tensor, block_offset: torch.Tensor, exact: torch.Tensor | None = None
+    policy: Policy,
+    fresh: torch.Tensor,
+    block_offset: torch.Tensor,
+    exact: torch.Tensor | None = None,
+    block_remaining: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mask [L] of the tokens recomputed from the first layer on.
 
     ``fresh``: tokens of fresh segments; ``block_offset``: each token's index inside its
-    segment; ``exact``: tokens of cached blocks that sit where, and behind what, they were
-    computed (their KV already equals a plain prefill's, so no policy spends work on them).
-    Deviation starts from every other token and narrows after its check layer.
+    segment; ``block_remaining``: how many tokens of its segment follow it (needed by ``tail``);
+    ``exact``: tokens of cached blocks that sit where, and behind what, they were computed (their
+    KV already equals a plain prefill's, so no policy spends work on them). Deviation starts from
+    every other token and narrows after its check layer. ``tail:K`` recomputes the last K tokens
+    of every cached block: the ones next to the fresh tokens that follow it, reading the history
+    in place of the block's end, the way ``rcllm finetune --curriculum`` trains a model to use.
     """
     exact = torch.zeros_like(fresh) if exact is None else exact
     if policy.kind == "full":
@@ -67,6 +74,10 @@ def base_selection(
         return ~exact
     if policy.kind == "boundary":
         return fresh | ((block_offset < policy.k) & ~exact)
+    if policy.kind == "tail":
+        if block_remaining is None:
+            raise ValueError("the tail policy needs each token's distance to its block's end")
+        return fresh | ((block_remaining < policy.k) & ~exact)
     return fresh.clone()
 
 
