@@ -43,11 +43,11 @@ def main() -> None:
     engine, builder = ranker.engine, ranker.builder
     data = load_ml100k_recbole()
     requests = sample_requests(data, max(sizes), history=20, candidates=20, seed=args.seed)
-    cache = MemoryBlockCache(engine, builder)
+    source = MemoryBlockCache(engine, builder)
     prompts = []
     for req in requests:
         segs, _ = ranker.segments([item_text(data.items[i]) for i in req.history],
-                                  [item_text(data.items[i]) for i in req.candidates], cache)  # fmt: skip
+                                  [item_text(data.items[i]) for i in req.candidates], source)  # fmt: skip
         prompts.append((segs, args.policy))
 
     def sync() -> None:

@@ -42,8 +42,8 @@ def main() -> None:
     req = sample_requests(data, 1, history=args.history, candidates=args.candidates, seed=args.seed)[0]
     history = [item_text(data.items[i]) for i in req.history]
     candidates = [item_text(data.items[i]) for i in req.candidates]
-    cache = MemoryBlockCache(engine, builder)
-    segs, _ = ranker.segments(history, candidates, cache)
+    source = MemoryBlockCache(engine, builder)
+    segs, _ = ranker.segments(history, candidates, source)
     plain = uncached(segs)
     prefix = segs[:2] + plain[2:]  # system and history at their own positions: exact prefix reuse
     ids = torch.cat([s.token_ids for s in plain])[None]

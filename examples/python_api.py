@@ -29,15 +29,15 @@ def main() -> None:
     candidates = [held_out] + unseen[:: max(1, len(unseen) // 9)][:9]
 
     ranker = open_ranker(args.model)
-    cache = MemoryBlockCache(ranker.engine, ranker.builder)
+    source = MemoryBlockCache(ranker.engine, ranker.builder)
     texts = lambda ids: [item_text(items[i]) for i in ids]  # noqa: E731 - the prompt text of each item
     print(f"{args.user} read: " + "; ".join(items[i]["title"] for i in history[-5:]))
 
     ranker.label_prior(len(candidates))  # the label-bias prior of this prompt shape, measured once
-    ranker.rank(texts(history), texts(candidates), policy="none", cache=cache)  # first call fills the cache
+    ranker.rank(texts(history), texts(candidates), policy="none", source=source)  # first call computes the blocks
     full = ranker.rank(texts(history), texts(candidates), policy="full")
     for policy in ("full", "boundary:2", "none"):
-        r = full if policy == "full" else ranker.rank(texts(history), texts(candidates), policy=policy, cache=cache)
+        r = full if policy == "full" else ranker.rank(texts(history), texts(candidates), policy=policy, source=source)
         top = [candidates[i] for i in r.order[:3]]
         print(f"{policy:>10}: TTFT {r.ttft_ms:7.1f} ms, recomputed {r.recomputed_fraction:4.0%}, "
               f"same top-1 as full: {r.order[0] == full.order[0]}, top 3: "

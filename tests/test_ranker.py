@@ -8,6 +8,10 @@ import torch
 from rcllm.data.metrics import kendall_tau, kl_divergence
 from rcllm.engine import BlockEngine, MemoryBlockCache, PromptBuilder, PromptTemplate, Ranker, item_text, uncached
 from rcllm.engine.models import load_model
+from rcllm.engine.ranker import BlockSource, block_key
+from rcllm.serve.runner import HeldBlocks
+from rcllm.store import BlockStore
+from rcllm.store.tiered import TieredBlockSource
 
 HISTORY = [f"Movie {i} ({1980 + i}); Drama" for i in range(5)]
 CANDIDATES = [f"Film number {i}; Comedy, Action" for i in range(8)]
@@ -30,26 +34,61 @@ def test_prompt_ids_are_the_concatenation_of_segments(ranker):
 
 
 def test_cached_and_fresh_prompts_have_identical_token_ids(ranker):
-    cache = MemoryBlockCache(ranker.engine, ranker.builder)
-    cached, stats = ranker.segments(HISTORY, CANDIDATES, cache)
+    source = MemoryBlockCache(ranker.engine, ranker.builder)
+    cached, stats = ranker.segments(HISTORY, CANDIDATES, source)
     fresh, _ = ranker.segments(HISTORY, CANDIDATES)
     assert torch.equal(torch.cat([s.token_ids for s in cached]), torch.cat([s.token_ids for s in fresh]))
     assert stats == {"user_hit": False, "item_hits": 0, "item_misses": len(CANDIDATES)}
-    _, again = ranker.segments(HISTORY, CANDIDATES, cache)
+    _, again = ranker.segments(HISTORY, CANDIDATES, source)
     assert again == {"user_hit": True, "item_hits": len(CANDIDATES), "item_misses": 0}
+
+
+@pytest.fixture(params=["memory", "tiered", "held"])
+def source(request, ranker, tmp_path):
+    """Each BlockSource, set up to serve CANDIDATES[0]'s item block its own way: the memory
+    cache computes it, the tiered source reads it from a store, a node's held view holds it."""
+    engine, builder = ranker.engine, ranker.builder
+    context = engine.compute_block(builder.system_ids(), ())
+    ids = builder.item_ids(CANDIDATES[0])
+    key = block_key(engine.fingerprint, builder.system_ids(), ids)
+    if request.param == "memory":
+        yield MemoryBlockCache(engine, builder)
+        return
+    with BlockStore(tmp_path / "store", create=True) as store:
+        store.put(key, engine.compute_block(ids, context))
+    with BlockStore.open_readonly(tmp_path / "store") as store:
+        if request.param == "tiered":
+            yield TieredBlockSource(ranker, [store], hot_bytes=1 << 20, context=context)
+        else:  # nothing in the tiers: the item comes from the held blocks, the history is computed
+            yield HeldBlocks(TieredBlockSource(ranker, [], hot_bytes=0, context=context), {key: store.get(key)})
+
+
+def test_every_block_source_gives_the_block_compute_block_computes_after_its_context(ranker, source):
+    engine, builder = ranker.engine, ranker.builder
+    assert isinstance(source, BlockSource)
+    torch.testing.assert_close(source.context.keys, engine.compute_block(builder.system_ids(), ()).keys, rtol=0, atol=1e-6)
+    assert source.context.base_pos == 0
+    for kind, ids in [("item", builder.item_ids(CANDIDATES[0])), ("history", builder.history_ids(HISTORY))]:
+        want = engine.compute_block(ids, source.context)
+        for _ in range(2):  # whether it was computed, read or held, and again once the source has it
+            block, hit = source.get(kind, ids)
+            assert isinstance(hit, bool)
+            assert torch.equal(block.token_ids, ids) and block.base_pos == source.context.n_tokens
+            assert block.fingerprint == engine.fingerprint and block.context == want.context
+            torch.testing.assert_close(block.keys, want.keys, rtol=0, atol=1e-6)
+            torch.testing.assert_close(block.values, want.values, rtol=0, atol=1e-6)
+
+
+def test_the_ranking_over_any_block_source_under_full_is_the_plain_ranking(ranker, source):
+    plain = ranker.rank(HISTORY, CANDIDATES, "full")
+    over = ranker.rank(HISTORY, CANDIDATES, "full", source)
+    assert over.order == plain.order
+    assert max(abs(x - y) for x, y in zip(over.scores, plain.scores)) < 1e-5
 
 
 def test_label_answer_tokens_are_distinct_single_tokens(ranker):
     ids = ranker.builder.label_token_ids
     assert len(ids) == 26 and len(set(ids)) == 26
-
-
-def test_rank_full_with_cache_equals_rank_without(ranker):
-    cache = MemoryBlockCache(ranker.engine, ranker.builder)
-    a = ranker.rank(HISTORY, CANDIDATES, "full")
-    b = ranker.rank(HISTORY, CANDIDATES, "full", cache)
-    assert a.order == b.order
-    assert max(abs(x - y) for x, y in zip(a.scores, b.scores)) < 1e-5
 
 
 def stock_label_logprobs(ranker, history, candidates) -> torch.Tensor:

@@ -497,7 +497,7 @@ def engine(cache):
     computed on first use (no cache files)."""
     data = NodeData.load(cache)
     ranker = open_cache_ranker(data.manifest)
-    return SimpleNamespace(ranker=ranker, blocks=MemoryBlockCache(ranker.engine, ranker.builder), data=data)
+    return SimpleNamespace(ranker=ranker, source=MemoryBlockCache(ranker.engine, ranker.builder), data=data)
 
 
 def expected_ranking(engine, req: RecommendRequest) -> list[tuple[str, float]]:
@@ -505,7 +505,7 @@ def expected_ranking(engine, req: RecommendRequest) -> list[tuple[str, float]]:
     history = req.history if req.history is not None else histories[req.user_id]
     texts = [item_text(c.item if c.item is not None else catalog[c.id]) for c in req.candidates]
     ranking = engine.ranker.rank([item_text(catalog[i]) for i in history[-HISTORY:]], texts,
-                                 req.policy or DEFAULT_POLICY, cache=engine.blocks)
+                                 req.policy or DEFAULT_POLICY, source=engine.source)
     order = ranking.order[: req.top_k] if req.top_k else ranking.order
     return [(req.candidates[i].id, ranking.scores[i]) for i in order]
 

@@ -13,7 +13,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -34,21 +34,36 @@ def block_key(fingerprint: str, context_ids: torch.Tensor, token_ids: torch.Tens
     return h.hexdigest()[:40]
 
 
+@runtime_checkable
 class BlockSource(Protocol):
-    """Where cached blocks come from (in-process memory, a node's tiered store...).
+    """Where the ranker takes a prompt's cached blocks from: :class:`MemoryBlockCache` (computed
+    on first use, in memory), :class:`~rcllm.store.tiered.TieredBlockSource` (a hot tier over
+    precomputed block stores) and a node's per-request view of it
+    (:class:`~rcllm.serve.runner.HeldBlocks`). The ranker reads ``context`` and calls ``get``,
+    nothing else.
 
-    ``context`` is the KV of the system prefix, computed from an empty context: the block
-    context every history and item block was computed after.
+    ``context``: the KV of the system prefix (``PromptBuilder.system_ids()``) computed from an
+    empty context, at base position 0. It is the prompt's cached system segment and the block
+    context every history and item block of the source is computed after.
     """
 
     context: BlockKV
 
     def get(self, kind: str, token_ids: torch.Tensor) -> tuple[BlockKV, bool]:
-        """The block for these ids (``kind`` is "history" or "item"), and whether it was a hit."""
+        """The block of ``token_ids`` and whether it was a hit.
+
+        The block holds exactly ``token_ids``, computed after ``context`` by this ranker's model:
+        the KV ``engine.compute_block(token_ids, context)`` gives, up to float rounding (a store
+        holds KV its build computed in batches). ``kind`` is ``"history"`` or ``"item"``; a
+        source may treat them differently but gives the same block for the same ids. The flag
+        is True when the source held the block before this call (the ranking counts a hit) and
+        False when it had to compute or bring it (a miss); a source may keep what it computed
+        for later calls.
+        """
 
 
 class MemoryBlockCache:
-    """Blocks computed on first use after the system prefix, then kept in memory."""
+    """Blocks computed on first use after the system prefix, then kept in memory (unbounded)."""
 
     def __init__(self, engine: BlockEngine, builder: PromptBuilder):
         self.engine = engine
@@ -67,13 +82,6 @@ class MemoryBlockCache:
         block = self.engine.compute_block(token_ids, self.context)
         self.blocks[key] = block
         return block, False
-
-    def warm(self, kind: str, token_ids: torch.Tensor) -> None:
-        self.get(kind, token_ids)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.blocks.values())
 
 
 @dataclass
@@ -108,30 +116,30 @@ class Ranker:
     # -- prompt -------------------------------------------------------------------------------
 
     def segments(
-        self, history: Sequence[str], candidates: Sequence[str], cache: BlockSource | None = None
+        self, history: Sequence[str], candidates: Sequence[str], source: BlockSource | None = None
     ) -> tuple[list[Segment], dict]:
-        """The prompt's segments; blocks come from ``cache`` when given, else all fresh."""
+        """The prompt's segments; blocks come from ``source`` when given, else all fresh."""
         b = self.builder
         if not candidates:
             raise ValueError("no candidates to rank")
         if len(candidates) > b.max_candidates:
             raise ValueError(f"{len(candidates)} candidates in one prompt; labels allow at most {b.max_candidates}")
         stats = {"user_hit": None, "item_hits": 0, "item_misses": 0}
-        system = Segment.fresh(b.system_ids(), "system") if cache is None else Segment.cached(cache.context, "system")
+        system = Segment.fresh(b.system_ids(), "system") if source is None else Segment.cached(source.context, "system")
         segs = [system]
         hist_ids = b.history_ids(history)
-        if cache is None:
+        if source is None:
             segs.append(Segment.fresh(hist_ids, "history"))
         else:
-            block, hit = cache.get("history", hist_ids)
+            block, hit = source.get("history", hist_ids)
             stats["user_hit"] = hit
             segs.append(Segment.cached(block, "history"))
         for slot, text in enumerate(candidates):
             ids = b.item_ids(text)
-            if cache is None:
+            if source is None:
                 segs.append(Segment.fresh(ids, "item"))
             else:
-                block, hit = cache.get("item", ids)
+                block, hit = source.get("item", ids)
                 stats["item_hits" if hit else "item_misses"] += 1
                 segs.append(Segment.cached(block, "item"))
             if b.template.link_tokens:
@@ -165,7 +173,7 @@ class Ranker:
         history: Sequence[str],
         candidates: Sequence[str],
         policy: str | Policy = "full",
-        cache: BlockSource | None = None,
+        source: BlockSource | None = None,
         max_new_tokens: int = 0,
     ) -> Ranking:
         """Rank ``candidates`` (item texts) for a user with ``history`` (item texts, oldest first).
@@ -178,11 +186,11 @@ class Ranker:
         if n == 0:
             raise ValueError("no candidates to rank")
         if n <= self.builder.max_candidates:
-            return self._rank_one(history, candidates, policy, cache, max_new_tokens)
-        return self._tournament(history, candidates, policy, cache, max_new_tokens)
+            return self._rank_one(history, candidates, policy, source, max_new_tokens)
+        return self._tournament(history, candidates, policy, source, max_new_tokens)
 
     def rank_many(self, requests: Sequence[tuple], max_new_tokens: int = 0) -> list[Ranking | Exception]:
-        """Rank several requests ``(history, candidates, policy, cache)`` with their forwards run
+        """Rank several requests ``(history, candidates, policy, source)`` with their forwards run
         as one batch (:meth:`BlockEngine.forward_batch`); the result of a request whose input the
         engine refuses is its ValueError, and the others still get their rankings.
 
@@ -192,17 +200,17 @@ class Ranker:
         """
         out: list[Ranking | Exception | None] = [None] * len(requests)
         batch, shapes = [], []
-        for i, (history, candidates, policy, cache) in enumerate(requests):
+        for i, (history, candidates, policy, source) in enumerate(requests):
             try:
                 policy = parse_policy(policy)
                 n = len(candidates)
                 if max_new_tokens or n > self.builder.max_candidates:
-                    out[i] = self.rank(history, candidates, policy, cache, max_new_tokens)
+                    out[i] = self.rank(history, candidates, policy, source, max_new_tokens)
                     continue
                 if self.calibration == "contextual" and n:
                     self.label_prior(n)
                 start = time.perf_counter()
-                segs, stats = self.segments(history, candidates, cache)
+                segs, stats = self.segments(history, candidates, source)
                 batch.append((segs, policy))
                 shapes.append((i, n, str(policy), (time.perf_counter() - start) * 1000.0, stats))
             except ValueError as e:
@@ -232,12 +240,12 @@ class Ranker:
                 results.append(e)
         return results
 
-    def _rank_one(self, history, candidates, policy: Policy, cache, max_new_tokens) -> Ranking:
+    def _rank_one(self, history, candidates, policy: Policy, source, max_new_tokens) -> Ranking:
         n = len(candidates)
         if self.calibration == "contextual":
             self.label_prior(n)  # measured once per prompt size, outside the timed path
         start = time.perf_counter()
-        segs, stats = self.segments(history, candidates, cache)
+        segs, stats = self.segments(history, candidates, source)
         assembled_ms = (time.perf_counter() - start) * 1000.0
         eos = self.builder.tokenizer.eos_token_id
         result = self.engine.forward(segs, policy, max_new_tokens=max_new_tokens, eos_token_id=eos)
@@ -261,7 +269,7 @@ class Ranker:
             **stats,
         )
 
-    def _tournament(self, history, candidates, policy: Policy, cache, max_new_tokens) -> Ranking:
+    def _tournament(self, history, candidates, policy: Policy, source, max_new_tokens) -> Ranking:
         cap = self.builder.max_candidates
         n = len(candidates)
         groups = [list(range(i, min(i + cap, n))) for i in range(0, n, cap)]
@@ -285,7 +293,7 @@ class Ranker:
                 stats["user_hit"] = bool(stats["user_hit"]) or r.user_hit
 
         for group in groups:
-            r = self.rank(history, [candidates[i] for i in group], policy, cache)
+            r = self.rank(history, [candidates[i] for i in group], policy, source)
             account(r)
             for local, global_i in enumerate(group):
                 scores[global_i] = r.scores[local]
@@ -293,7 +301,7 @@ class Ranker:
             best = [group[i] for i in r.order]
             advancing += best[:per_group]
             rest += best[per_group:]
-        final = self.rank(history, [candidates[i] for i in advancing], policy, cache, max_new_tokens)
+        final = self.rank(history, [candidates[i] for i in advancing], policy, source, max_new_tokens)
         account(final)
         for local, global_i in enumerate(advancing):
             scores[global_i] = final.scores[local]

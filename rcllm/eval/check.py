@@ -126,14 +126,14 @@ def run_check(
         raise ValueError("no sample prompts to check")
     policy = parse_policy(policy)
     engine = ranker.engine
-    cache = MemoryBlockCache(engine, ranker.builder)
+    source = MemoryBlockCache(engine, ranker.builder)
     rng = random.Random(seed)
     diffs, stock_diffs, top1, taus, kls, fractions = [], [], [], [], [], []
     item_stable = label_stable = 0
     raw_answers: Counter = Counter()
     for case in cases:
         n = len(case.candidates)
-        cached, _ = ranker.segments(case.history, case.candidates, cache)
+        cached, _ = ranker.segments(case.history, case.candidates, source)
         plain = uncached(cached)
         full = engine.forward(plain, "full")
         ids = torch.cat([s.token_ids for s in plain])[None].to(engine.device)
@@ -338,12 +338,12 @@ def run_sweep(
             )
 
     engine = ranker.engine
-    cache = MemoryBlockCache(engine, ranker.builder)
+    source = MemoryBlockCache(engine, ranker.builder)
     prompts = []
     for case in cases:
         if ranker.calibration == "contextual":
             ranker.label_prior(len(case.candidates))
-        prompts.append(ranker.segments(case.history, case.candidates, cache)[0])
+        prompts.append(ranker.segments(case.history, case.candidates, source)[0])
     engine.forward(uncached(prompts[0]), "full")  # first-call costs (allocation, lazy init) left untimed
 
     rankings: dict[str, list[Ranking]] = {name: [] for name in names}

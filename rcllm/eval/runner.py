@@ -89,7 +89,7 @@ def run_eval(
     dataset: Dataset,
     systems: str | Sequence[str],
     settings: EvalSettings,
-    block_source: Callable[[], BlockSource],
+    make_source: Callable[[], BlockSource],
     model_name: str,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
@@ -97,7 +97,7 @@ def run_eval(
 ) -> dict:
     """Run ``systems`` on the same seeded request stream; returns the ``--json`` object.
 
-    ``block_source`` makes the rcllm systems' block source (a built cache behind a hot tier);
+    ``make_source`` makes the rcllm systems' block source (a built cache behind a hot tier);
     each rcllm system gets its own, so no system warms another's cache.
     """
     names = parse_systems(systems)
@@ -118,7 +118,7 @@ def run_eval(
         elif name == "prefix":
             built[name] = PrefixSystem(ranker, settings.hot_tier_bytes)
         else:
-            built[name] = RcllmSystem(ranker, name.removeprefix("rcllm:"), block_source())
+            built[name] = RcllmSystem(ranker, name.removeprefix("rcllm:"), make_source())
     if "full" not in built:  # fidelity is measured against full prefill, which then runs untimed
         built = {"full": FullSystem(ranker), **built}
 

@@ -239,7 +239,7 @@ class NodeRunner:
                                      ranking.text))  # fmt: skip
         return out
 
-    def _gather(self, job: Job, fetched: dict[str, BlockKV]) -> tuple["_Held", int, int]:
+    def _gather(self, job: Job, fetched: dict[str, BlockKV]) -> tuple["HeldBlocks", int, int]:
         """Every candidate block of the job at hand: found in a tier, taken from ``fetched`` or
         recomputed; returns the job's view of the source and its item hits and misses."""
         source, builder, keys = self.source, self.ranker.builder, self.directory.keys
@@ -276,13 +276,14 @@ class NodeRunner:
                     missed_rows.append(row)
         with self._lock:
             self._misses.update(missed_rows)
-        return _Held(source, held), hits, misses
+        return HeldBlocks(source, held), hits, misses
 
 
-class _Held:
-    """The tiered source, with one request's memory-only blocks held for the length of its
-    forward: a hot tier smaller than a request evicts some of them as the others come in, and
-    the ranking must not recompute what this request just fetched or computed."""
+class HeldBlocks:
+    """A :class:`~rcllm.engine.ranker.BlockSource`: the tiered source, with one request's
+    memory-only item blocks (``held``, key -> block) kept for the length of its forward. A hot
+    tier smaller than a request evicts some of them as the others come in, and the ranking must
+    not recompute what this request just fetched or computed."""
 
     def __init__(self, source: TieredBlockSource, held: dict[str, BlockKV]):
         self.source, self.held, self.context = source, held, source.context

@@ -1,14 +1,14 @@
 """Where a process finds blocks: a hot tier in memory (LRU, bounded in bytes) over disk stores.
 
-A block missing from both is fetched (from a peer, when a fetcher is given) or recomputed after
-the block context; either way it then joins the hot tier. Hits and misses are counted per tier
-so nodes can report them and the coordinator can route on them.
+A block missing from both is recomputed after the block context and joins the hot tier. A
+serving node brings the blocks it lacks from their peers before the ranking asks for them
+(:mod:`rcllm.serve.runner`) and counts, per tier, where each came from.
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
@@ -16,28 +16,19 @@ from rcllm.engine.blocks import BlockKV
 from rcllm.engine.ranker import Ranker, block_key
 from rcllm.store.shards import BlockStore
 
-Fetcher = Callable[[str], BlockKV | None]
-
 
 class TieredBlockSource:
-    def __init__(
-        self,
-        ranker: Ranker,
-        stores: Sequence[BlockStore],
-        hot_bytes: int,
-        fetch: Fetcher | None = None,
-        context: BlockKV | None = None,
-    ):
-        self.ranker = ranker
+    """A :class:`~rcllm.engine.ranker.BlockSource`: the hot tier, then each store in order, then
+    a recompute. ``context``: the block context's KV when the caller has it already."""
+
+    def __init__(self, ranker: Ranker, stores: Sequence[BlockStore], hot_bytes: int, context: BlockKV | None = None):
         self.engine = ranker.engine
         self.context_ids = ranker.builder.system_ids()
         self.context = context or self.engine.compute_block(self.context_ids, ())
         self.stores = list(stores)
         self.hot_bytes = hot_bytes
-        self.fetch = fetch
         self.hot: OrderedDict[str, BlockKV] = OrderedDict()
         self.hot_used = 0
-        self.tiers: Counter = Counter()  # "memory", "disk", "peer", "computed" -> lookups served
 
     def key(self, token_ids: torch.Tensor) -> str:
         return block_key(self.engine.fingerprint, self.context_ids, token_ids)
@@ -56,20 +47,13 @@ class TieredBlockSource:
         block = self.hot.get(key)
         if block is not None:
             self.hot.move_to_end(key)
-            self.tiers["memory"] += 1
             return block, True
         for store in self.stores:
             block = store.get(key, device=self.engine.device)
             if block is not None:
-                self.tiers["disk"] += 1
                 self.admit(key, block)
                 return block, True
-        block = self.fetch(key) if self.fetch else None
-        if block is not None:
-            self.tiers["peer"] += 1
-        else:
-            block = self.engine.compute_block(token_ids, self.context)
-            self.tiers["computed"] += 1
+        block = self.engine.compute_block(token_ids, self.context)
         self.admit(key, block)
         return block, False
 
