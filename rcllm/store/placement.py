@@ -1,6 +1,6 @@
 """The placement record: which cluster each item is in, which node each cluster is on.
 
-Build computes it (rcllm/build/placement.py) and saves it under ``CACHE_DIR/placement/``;
+Build computes it (rcllm/build/placement/) and saves it under ``CACHE_DIR/placement/``;
 serving reads it here to find the node that holds a block, without loading the build's
 clustering or embedder.
 """
