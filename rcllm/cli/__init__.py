@@ -1,7 +1,7 @@
 """The ``rcllm`` command line. Help texts shared by several commands live here."""
 
 MODEL_HELP = "Model: the embedded 'smollm2-135m', a local folder, or a Hugging Face id."
-POLICY_HELP = "Correction policy: none | boundary:K | deviation:R | full."
+POLICY_HELP = "Correction policy: none | boundary:K | tail:K | deviation:R | full."
 DATASET_HELP = "ml-1m | ml-100k | synthetic | bookshop (the example in examples/) | a folder with catalog.jsonl and interactions.jsonl."
 
 DATA_DIR_HELP = (

@@ -30,7 +30,7 @@ def check(
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     policies: Optional[str] = typer.Option(
         None, help="With --sweep: the policies to measure, comma-separated; full is always measured as the "
-        "reference. Default: none and a few boundary:K and deviation:R (rcllm.eval.check.DEFAULT_SWEEP)."
+        "reference. Default: none and a few boundary:K, tail:K and deviation:R (rcllm.eval.check.DEFAULT_SWEEP)."
     ),
     prompts: int = typer.Option(20, min=1, help="Number of sample ranking prompts (held-out requests)."),
     history: int = typer.Option(20, min=0, help="History items per prompt."),

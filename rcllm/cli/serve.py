@@ -31,7 +31,7 @@ def serve(
     model: Optional[str] = typer.Option(None, help="Model folder or name (default: the one the cache was built with)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     policy: Optional[str] = typer.Option(
-        None, help="Policy for requests that name none: none | boundary:K | deviation:R | full. Default: the model's "
+        None, help="Policy for requests that name none: none | boundary:K | tail:K | deviation:R | full. Default: the model's "
         "gated policy (rcllm-policy.json in its folder, written by rcllm check --sweep), else boundary:2.",
     ),
     hot_mb: float = typer.Option(256.0, help="Memory budget of the hot block tier, MiB."),

@@ -37,7 +37,8 @@ from rcllm.eval.runner import fidelity
 
 # The grid of `rcllm check --sweep`, cheapest first; `full` is always measured as the reference.
 DEFAULT_SWEEP = (
-    "none", "boundary:1", "boundary:2", "boundary:4", "boundary:8", "deviation:0.15", "deviation:0.3", "deviation:0.5",
+    "none", "boundary:1", "boundary:2", "boundary:4", "boundary:8", "tail:2", "tail:4", "deviation:0.15", "deviation:0.3",
+    "deviation:0.5",
 )
 
 
