@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from rcllm.data.metrics import kendall_tau, kl_divergence
-from rcllm.engine import BlockEngine, MemoryBlockCache, PromptBuilder, PromptTemplate, Ranker, item_text, uncached
+from rcllm.engine import BlockEngine, MemoryBlockCache, PromptBuilder, PromptTemplate, Ranker, Segment, item_text, uncached
+from rcllm.engine.errors import RequestError
 from rcllm.engine.models import load_model
 from rcllm.engine.ranker import BlockSource, block_key
 from rcllm.serve.runner import HeldBlocks
@@ -158,10 +161,31 @@ def test_more_candidates_than_labels_are_ranked_by_tournament(ranker):
 
 
 def test_one_prompt_refuses_more_candidates_than_labels(ranker):
-    with pytest.raises(ValueError, match="at most 26"):
+    with pytest.raises(RequestError, match="at most 26"):
         ranker.segments(HISTORY, [f"x{i}" for i in range(27)])
-    with pytest.raises(ValueError, match="no candidates"):
+    with pytest.raises(RequestError, match="no candidates"):
         ranker.rank(HISTORY, [], "full")
+
+
+def test_refused_input_is_a_request_error_and_a_block_of_another_model_is_not(ranker, monkeypatch):
+    """What the caller sent (a policy, a prompt too long) is refused with a RequestError, one
+    request at a time in a batch; a cached block another model computed is the server's fault."""
+    with pytest.raises(RequestError, match="unknown correction policy"):
+        ranker.rank(HISTORY, CANDIDATES, "sideways")
+    source = MemoryBlockCache(ranker.engine, ranker.builder)
+    monkeypatch.setattr(ranker.engine, "max_positions", 40)
+    with pytest.raises(RequestError, match="exceeds the model's 40 positions"):
+        ranker.rank(HISTORY, CANDIDATES, "none", source)
+    monkeypatch.undo()
+    ranked = ranker.rank_many([(HISTORY, CANDIDATES, "none", source), (HISTORY, CANDIDATES, "sideways", source)])
+    assert ranked[0].order and isinstance(ranked[1], RequestError)
+
+    segments, _ = ranker.segments(HISTORY, CANDIDATES, source)
+    foreign = dataclasses.replace(segments[1].kv, fingerprint="another model")
+    segments[1] = Segment.cached(foreign, "history")
+    with pytest.raises(ValueError, match="another model") as refused:
+        ranker.engine.forward(segments, "none")
+    assert not isinstance(refused.value, RequestError)
 
 
 def test_empty_history_uses_the_empty_history_text(ranker):

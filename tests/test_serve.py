@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import random
 import re
 import signal
@@ -31,6 +32,7 @@ from rcllm.build.pipeline import BuildOptions, build_cache
 from rcllm.cli.serve import register
 from rcllm.data.loaders import prepare
 from rcllm.data.synthetic import make_synthetic
+from rcllm.engine.errors import RequestError
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import MemoryBlockCache
 from rcllm.serve.client import RecommendClient, ServiceError, send_all
@@ -50,7 +52,6 @@ from rcllm.serve.schema import (
     CacheStats,
     RecommendRequest,
     RecommendResponse,
-    RequestError,
     check_known,
     make_response,
     parse_request,
@@ -341,6 +342,29 @@ class ScriptedNode:
         return app
 
 
+class LogRecords(logging.Handler):
+    """The serving log's records while in a ``with`` block (the logger may not propagate:
+    ``setup_logging`` turns that off)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "LogRecords":
+        logging.getLogger("rcllm.serve").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("rcllm.serve").removeHandler(self)
+
+    def tracebacks(self, message: str) -> int:
+        """How many records carry the traceback of an exception with this message."""
+        return sum(1 for r in self.records if r.exc_info and str(r.exc_info[1]) == message)
+
+
 async def with_coordinator(nodes: list[ScriptedNode], body, **options):
     """Start the scripted nodes and a Coordinator (round-robin: node 0 is tried first) in this
     process; wait until it sees them up; run ``body(coordinator, url)``; stop everything."""
@@ -430,6 +454,38 @@ def test_when_every_node_is_busy_the_coordinator_answers_503_with_the_shortest_r
     assert headers["Retry-After"] == "3" and "every node is busy (2 tried)" in payload["error"]
     assert [n.calls["recommend"] for n in nodes] == [1, 1]
     assert counted == {"node failed": 0.0, "node busy": 2.0, "node error": 0.0}
+
+
+def test_an_internal_error_in_the_coordinator_answers_500_and_the_next_request_is_answered(monkeypatch):
+    """A ValueError of the coordinator's own (its routing, standing in for a bug) is a 500 with
+    the traceback logged, not the 400 of a refused request; the next request is routed as usual."""
+    nodes = [ScriptedNode(0), ScriptedNode(1)]
+    logged = LogRecords()
+
+    async def body(coord, url):
+        query = coord.query
+        calls = []
+
+        def broken(request):
+            calls.append(request)
+            if len(calls) == 1:
+                raise ValueError("a bug of ours")
+            return query(request)
+
+        coord.query = broken
+        first = await raw(url, "POST", "/v1/recommend", json.dumps(REQUEST).encode())
+        refused = await raw(url, "POST", "/v1/recommend", b'{"user_id": "u", "candidates": []}')
+        second = await raw(url, "POST", "/v1/recommend", json.dumps(REQUEST).encode())
+        return first, refused, second
+
+    with logged:
+        first, refused, second = asyncio.run(with_coordinator(nodes, body))
+    status, content_type, payload = first
+    assert status == 500 and content_type.startswith("application/json")
+    assert json.loads(payload)["error"] == "internal error: ValueError: a bug of ours"
+    assert logged.tracebacks("a bug of ours") == 1
+    assert refused[0] == 400 and "candidates is empty" in json.loads(refused[2])["error"]
+    assert second[0] == 200 and [r["item_id"] for r in json.loads(second[2])["ranking"]] == ["1", "4"]
 
 
 def test_cli_refuses_a_missing_cache_with_a_message(tmp_path):
@@ -812,6 +868,51 @@ def test_a_node_refuses_requests_beyond_max_queue_with_503_and_retry_after_and_a
     assert f"node 0 is busy: {max_queue} requests queued (max {max_queue})" in json.loads(payload)["error"]
     for status, _, payload in [*answers, again]:
         assert status == 200 and RecommendResponse.from_dict(json.loads(payload)).node == 0
+
+
+def test_an_internal_error_deep_in_the_engine_answers_500_refused_input_400_and_the_node_goes_on(cache, stream):
+    """A ValueError from deep in the engine (its token selection, standing in for a bug) is a
+    fault of ours: 500, the traceback logged, never the 400 of refused input. A prompt longer
+    than the model takes (the engine's length check: a RequestError) is refused with a 400.
+    The node answers the next request as the in-process engine does."""
+    req, want = next((req, want) for req, want in stream if req.max_new_tokens == 0)
+    runner = NodeRunner.open(cache, 0, hot_bytes=1 << 20)
+    server = NodeServer(runner, {}, token=TOKEN)
+    engine = runner.ranker.engine
+    select, calls = engine.select, []
+
+    def broken(segments, policy):
+        calls.append(policy)
+        if len(calls) == 1:
+            raise ValueError("a bug of ours")
+        return select(segments, policy)
+
+    async def run():
+        async with TestServer(server.app(), host="127.0.0.1") as test_server:
+            url, auth = str(test_server.make_url("")), {"Authorization": f"Bearer {TOKEN}"}
+            engine.select = broken
+            internal = await raw(url, "POST", "/v1/recommend", req.to_json(), auth)
+            positions, engine.max_positions = engine.max_positions, 16
+            refused = await raw(url, "POST", "/v1/recommend", req.to_json(), auth)
+            engine.max_positions = positions
+            answered = await raw(url, "POST", "/v1/recommend", req.to_json(), auth)
+            return internal, refused, answered
+
+    try:
+        with LogRecords() as logged:
+            internal, refused, answered = asyncio.run(run())
+    finally:
+        server.engine.shutdown()
+        runner.close()
+    status, content_type, payload = internal
+    assert status == 500 and content_type.startswith("application/json"), payload
+    assert json.loads(payload)["error"] == "internal error: ValueError: a bug of ours"
+    assert logged.tracebacks("a bug of ours") == 1
+    status, _, payload = refused
+    assert status == 400 and "exceeds the model's 16 positions" in json.loads(payload)["error"], payload
+    status, _, payload = answered
+    assert status == 200, payload
+    assert_same_ranking(RecommendResponse.from_dict(json.loads(payload)), want, "after the 500 and the 400")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])

@@ -21,6 +21,7 @@ import torch
 
 from rcllm import kernels
 from rcllm.engine.blocks import BlockKV, Segment, context_hash
+from rcllm.engine.errors import RequestError
 from rcllm.engine.models import LoadedModel
 from rcllm.engine.policy import Policy, base_selection, deviation_selection, parse_policy
 
@@ -92,15 +93,16 @@ class BlockEngine:
             )
 
     def check_length(self, length: int) -> None:
-        """Refuse a prompt longer than the model's sliding window or its positions."""
+        """Refuse a prompt longer than the model's sliding window or its positions: refused
+        input (the history, candidates and reply asked for are too long), a RequestError."""
         window = self.lm.sliding_window
         if window is not None and length > window:
-            raise ValueError(
+            raise RequestError(
                 f"prompt of {length} tokens exceeds the model's sliding attention window ({window}); "
                 "block reuse assumes every token sees the whole context"
             )
         if self.max_positions is not None and length > self.max_positions:
-            raise ValueError(f"prompt of {length} tokens exceeds the model's {self.max_positions} positions")
+            raise RequestError(f"prompt of {length} tokens exceeds the model's {self.max_positions} positions")
 
     # -- the forward pass -------------------------------------------------------------------
 
@@ -116,7 +118,7 @@ class BlockEngine:
         """Next-token logits of the prompt (and an optional greedy continuation)."""
         started = time.perf_counter()
         if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+            raise RequestError("max_new_tokens must be >= 0")
         prompt = self._prepare(segments, parse_policy(policy), max_new_tokens)
         (result,) = self._run([prompt], started)
         ctx_k, ctx_v, length = prompt.ctx_k, prompt.ctx_v, prompt.length

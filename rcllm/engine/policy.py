@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rcllm.engine.errors import RequestError
+
 POLICY_HELP = "none | boundary:K | tail:K | deviation:R | full"
 
 
@@ -47,7 +49,7 @@ def parse_policy(text: str | Policy) -> Policy:
                 return Policy("deviation", ratio=ratio)
     except ValueError:
         pass
-    raise ValueError(f"unknown correction policy {text!r}; expected {POLICY_HELP}")
+    raise RequestError(f"unknown correction policy {text!r}; expected {POLICY_HELP}")
 
 
 def base_selection(

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from rcllm.engine.blocks import BlockKV, Segment
+from rcllm.engine.errors import RequestError
 from rcllm.engine.forward import BlockEngine, ForwardResult
 from rcllm.engine.policy import Policy, parse_policy
 from rcllm.engine.prompt import PromptBuilder
@@ -58,7 +59,8 @@ class BlockSource(Protocol):
         source may treat them differently but gives the same block for the same ids. The flag
         is True when the source held the block before this call (the ranking counts a hit) and
         False when it had to compute or bring it (a miss); a source may keep what it computed
-        for later calls.
+        for later calls. Ids the model cannot take (a block longer than its positions) raise
+        :class:`~rcllm.engine.errors.RequestError`, as ``compute_block`` does.
         """
 
 
@@ -121,9 +123,9 @@ class Ranker:
         """The prompt's segments; blocks come from ``source`` when given, else all fresh."""
         b = self.builder
         if not candidates:
-            raise ValueError("no candidates to rank")
+            raise RequestError("no candidates to rank")
         if len(candidates) > b.max_candidates:
-            raise ValueError(f"{len(candidates)} candidates in one prompt; labels allow at most {b.max_candidates}")
+            raise RequestError(f"{len(candidates)} candidates in one prompt; labels allow at most {b.max_candidates}")
         stats = {"user_hit": None, "item_hits": 0, "item_misses": 0}
         system = Segment.fresh(b.system_ids(), "system") if source is None else Segment.cached(source.context, "system")
         segs = [system]
@@ -184,7 +186,7 @@ class Ranker:
         policy = parse_policy(policy)
         n = len(candidates)
         if n == 0:
-            raise ValueError("no candidates to rank")
+            raise RequestError("no candidates to rank")
         if n <= self.builder.max_candidates:
             return self._rank_one(history, candidates, policy, source, max_new_tokens)
         return self._tournament(history, candidates, policy, source, max_new_tokens)
@@ -192,7 +194,8 @@ class Ranker:
     def rank_many(self, requests: Sequence[tuple], max_new_tokens: int = 0) -> list[Ranking | Exception]:
         """Rank several requests ``(history, candidates, policy, source)`` with their forwards run
         as one batch (:meth:`BlockEngine.forward_batch`); the result of a request whose input the
-        engine refuses is its ValueError, and the others still get their rankings.
+        engine refuses is its :class:`RequestError`, and the others still get their rankings. Any
+        other exception is a fault of ours and propagates.
 
         Requests that need a tournament (more candidates than labels) or a generated reply
         (``max_new_tokens``) run one at a time. Each batched ranking's ``ttft_ms`` is its prompt
@@ -213,7 +216,7 @@ class Ranker:
                 segs, stats = self.segments(history, candidates, source)
                 batch.append((segs, policy))
                 shapes.append((i, n, str(policy), (time.perf_counter() - start) * 1000.0, stats))
-            except ValueError as e:
+            except RequestError as e:
                 out[i] = e
         results = self._forward_each(batch)
         for (i, n, policy, assembled_ms, stats), result in zip(shapes, results):
@@ -229,14 +232,14 @@ class Ranker:
             return []
         try:
             return self.engine.forward_batch(batch)
-        except ValueError as e:
+        except RequestError as e:
             if len(batch) == 1:
                 return [e]
         results: list[ForwardResult | Exception] = []
         for segs, policy in batch:
             try:
                 results.append(self.engine.forward(segs, policy))
-            except ValueError as e:
+            except RequestError as e:
                 results.append(e)
         return results
 

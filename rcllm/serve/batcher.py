@@ -33,7 +33,7 @@ class EngineBatcher:
         self._thread.start()
 
     def rank(self, job, fetched, fetch_ms: float) -> Future:
-        """A future for ``runner.run(job, fetched, fetch_ms)``'s response (or its ValueError)."""
+        """A future for ``runner.run(job, fetched, fetch_ms)``'s response (or its RequestError)."""
         return self._put("rank", (job, fetched, fetch_ms))
 
     def call(self, fn: Callable[..., Any], *args) -> Future:

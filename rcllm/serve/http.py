@@ -14,8 +14,9 @@ import time
 
 from aiohttp import web
 
+from rcllm.engine.errors import RequestError
 from rcllm.serve.metrics import Registry
-from rcllm.serve.schema import RequestError, error_body
+from rcllm.serve.schema import error_body
 
 log = logging.getLogger("rcllm.serve")
 SHUTDOWN_TIMEOUT_S = 60.0  # how long a draining server waits for its in-flight requests
@@ -59,8 +60,9 @@ def setup_logging(level: str = "info", **context) -> None:
     log.propagate = False
 
 
-def event(name: str, level: int = logging.INFO, **fields) -> None:
-    log.log(level, name, extra={"fields": fields})
+def event(name: str, level: int = logging.INFO, exc_info: bool = False, **fields) -> None:
+    """One log line; ``exc_info``: with the traceback of the exception being handled."""
+    log.log(level, name, exc_info=exc_info, extra={"fields": fields})
 
 
 def json_error(status: int, message: str, headers: dict | None = None) -> web.Response:
@@ -75,8 +77,10 @@ def route_name(request: web.Request) -> str:
 
 
 def make_middlewares(metrics: Registry, token: str | None = None, open_paths: tuple[str, ...] = ("/health",)):
-    """Errors as JSON (never an HTML page, never a 500 for bad input), the bearer token check
-    when ``token`` is set (all paths but ``open_paths``), and a metrics/log line per request."""
+    """Errors as JSON, never an HTML page: a RequestError answers its 4xx, any other exception
+    (a ValueError included) is a fault of ours and answers 500 with its traceback logged, and
+    the server goes on; the bearer token check when ``token`` is set (all paths but
+    ``open_paths``), and a metrics/log line per request."""
     requests = metrics.counter("rcllm_http_requests_total", "HTTP requests by route and status", ("route", "status"))
     latency = metrics.histogram("rcllm_http_request_ms", "HTTP request latency in ms by route", ("route",))
     expected = f"Bearer {token}".encode() if token else None

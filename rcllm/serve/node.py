@@ -34,12 +34,13 @@ import aiohttp
 from aiohttp import web
 
 from rcllm.engine.blocks import BlockKV
+from rcllm.engine.errors import RequestError
 from rcllm.serve.batcher import EngineBatcher
 from rcllm.serve.http import bearer, event, json_error, make_middlewares
 from rcllm.serve.metrics import Registry
 from rcllm.serve.replication import REPLICA_SHARE
 from rcllm.serve.runner import NodeRunner
-from rcllm.serve.schema import MAX_BODY_BYTES, RequestError, parse_request
+from rcllm.serve.schema import MAX_BODY_BYTES, parse_request
 from rcllm.store import block_from_bytes
 
 PEER_BACKOFF_S = 2.0  # after a failed fetch, recompute rather than ask that peer again for this long
@@ -134,12 +135,9 @@ class NodeServer:
             started = time.perf_counter()
             fetched = await self._fetch_lacking(job)
             fetch_ms = (time.perf_counter() - started) * 1000.0
-            try:
-                response = await asyncio.wrap_future(self.engine.rank(job, fetched, fetch_ms))
-            except RequestError:
-                raise
-            except ValueError as e:  # the engine refusing this input (e.g. longer than the model's window)
-                raise RequestError(str(e)) from None
+            # the engine refusing this input (longer than the model takes...) raises RequestError:
+            # a 400; anything else it raises is a fault of ours: a 500 (make_middlewares)
+            response = await asyncio.wrap_future(self.engine.rank(job, fetched, fetch_ms))
         finally:
             self.pending -= 1
         self.ttft.observe(response.ttft_ms)

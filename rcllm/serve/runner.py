@@ -19,6 +19,7 @@ from rcllm.data.catalog import load_catalog
 from rcllm.data.formats import load_histories
 from rcllm.engine.api import DTYPES, open_ranker
 from rcllm.engine.blocks import BlockKV
+from rcllm.engine.errors import RequestError
 from rcllm.engine.model_policy import default_policy
 from rcllm.engine.policy import parse_policy
 from rcllm.engine.prompt import PromptTemplate, item_text
@@ -199,7 +200,8 @@ class NodeRunner:
     def run_many(self, work: list[tuple[Job, dict[str, BlockKV] | None, float]]) -> list[RecommendResponse | Exception]:
         """Rank several jobs ``(job, fetched, fetch_ms)`` with one batched forward (what the node's
         engine thread does with the requests that queued while it was busy). Each job's blocks
-        are gathered first, in order; a job the engine refuses gets its ValueError as its result.
+        are gathered first, in order; a job the engine refuses gets its RequestError as its
+        result (any other exception is a fault of ours: it propagates and fails the batch).
         Every job's ``ttft_ms`` is its fetch time plus the whole batch's time on this thread: it
         waited for all of it. The service time the coordinator plans with is the batch's time
         per job."""
@@ -208,7 +210,7 @@ class NodeRunner:
         for job, fetched, _ in work:
             try:
                 gathered.append(self._gather(job, fetched or {}))
-            except ValueError as e:  # e.g. an inline item longer than the model takes
+            except RequestError as e:  # e.g. an inline item longer than the model takes
                 gathered.append(e)
         rankings: list = list(gathered)  # the refused keep their error
         todo = [i for i, g in enumerate(gathered) if not isinstance(g, Exception)]

@@ -23,8 +23,9 @@ Response::
                "prompt_tokens": 612},
      "text": ""}
 
-Errors are ``{"error": message, "status": code}`` with a 4xx status for anything wrong with the
-request; nothing a client sends makes a server answer 500.
+Errors are ``{"error": message, "status": code}``: a 4xx for anything wrong with the request
+(a :class:`~rcllm.engine.errors.RequestError`, raised here, by the node's cache lookups and by
+the engine's checks), a 500 only for a fault of the server's own.
 """
 
 from __future__ import annotations
@@ -35,20 +36,13 @@ from dataclasses import dataclass, field
 
 from rcllm.data.catalog import item_problems
 from rcllm.data.jsonl import json_type
+from rcllm.engine.errors import RequestError
 from rcllm.engine.policy import parse_policy
 
 MAX_BODY_BYTES = 1 << 20
 MAX_CANDIDATES = 1000
 MAX_NEW_TOKENS = 128
 REQUEST_FIELDS = ("user_id", "history", "candidates", "top_k", "policy", "max_new_tokens")
-
-
-class RequestError(ValueError):
-    """A request the server refuses; ``status`` is the HTTP status to answer with (4xx)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 def error_body(status: int, message: str) -> dict:
@@ -164,10 +158,7 @@ def parse_request(body: bytes | str | Mapping) -> RecommendRequest:
     if policy is not None:
         if not isinstance(policy, str):
             raise RequestError(f"policy must be a string, got {json_type(policy)}")
-        try:
-            parse_policy(policy)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
+        parse_policy(policy)  # a RequestError naming the policies there are
 
     max_new = data.get("max_new_tokens", 0)
     max_new = 0 if max_new is None else max_new
