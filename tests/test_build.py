@@ -772,7 +772,7 @@ def test_append_interrupted_between_its_index_writes_then_rerun_stays_consistent
     an append was interrupted while writing them and then rerun."""
     out = copy_cache(clean, tmp_path)
     catalog = write_jsonl(tmp_path / "new.jsonl", NEW_ITEMS)
-    original = pipeline.atomic_write
+    original = pipeline.write_file
 
     def crash_before_item_ids(path, payload):
         if Path(path).name == "items.json":
@@ -780,7 +780,7 @@ def test_append_interrupted_between_its_index_writes_then_rerun_stays_consistent
         return original(path, payload)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "atomic_write", crash_before_item_ids)
+        mp.setattr(pipeline, "write_file", crash_before_item_ids)
         with pytest.raises(RuntimeError, match="simulated crash"):
             append_items(catalog, options(out, data, model), ranker=ranker)
     append_items(catalog, options(out, data, model), ranker=ranker)

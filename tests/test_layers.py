@@ -8,7 +8,7 @@ The levels, top first (a package is a folder under rcllm/, or a top-level module
     store, data    rcllm/store, rcllm/data
     engine         rcllm/engine
     kernels        rcllm/kernels
-    base           rcllm/__init__.py, rcllm/assets.py
+    base           rcllm/__init__.py, rcllm/assets.py, rcllm/files.py
 
 A module may import its own package and any package on a lower level. An import of a higher
 level points up; an import of another package on the same level points sideways: both fail.
@@ -27,9 +27,10 @@ Where the less obvious packages sit, and why:
   download in the engine's user cache folder.
 - demo, train and eval are siblings: what two of them share lives lower (the ranking metrics in
   rcllm/data/metrics.py, the prefix-caching baseline in rcllm/engine/prefix_cache.py).
-- top-level helpers go by what they import: rcllm/__init__.py and rcllm/assets.py import nothing
-  of rcllm, so they are the base everyone may use. A new package or top-level module fails until
-  it is given a level in LEVELS.
+- top-level helpers go by what they import: rcllm/__init__.py, rcllm/assets.py and rcllm/files.py
+  import nothing of rcllm, so they are the base everyone may use (rcllm/files.py: the atomic
+  writes of every layer, from the engine's fingerprint sidecars to the CLI's result files). A new
+  package or top-level module fails until it is given a level in LEVELS.
 
 Private names: ``from rcllm.x import _name`` fails, and so does ``obj._name`` (``rcllm.x._name``
 included) when ``_name`` is defined — a def, a class, an assignment, ``self._name = ...`` — only
@@ -52,7 +53,7 @@ LEVELS = (  # top first
     ("store/data", ("rcllm.store", "rcllm.data")),
     ("engine", ("rcllm.engine",)),
     ("kernels", ("rcllm.kernels",)),
-    ("base", ("rcllm", "rcllm.assets")),
+    ("base", ("rcllm", "rcllm.assets", "rcllm.files")),
 )
 HEIGHT = {package: len(LEVELS) - i for i, (_, packages) in enumerate(LEVELS) for package in packages}
 LEVEL = {package: name for name, packages in LEVELS for package in packages}

@@ -364,7 +364,7 @@ def test_fingerprint_stable_and_cached(tiny_models, cache_dir, monkeypatch):
     def no_rehash(path):
         raise AssertionError(f"{path} was hashed again")
 
-    monkeypatch.setattr(fingerprint, "_hash_file_bytes", no_rehash)
+    monkeypatch.setattr(fingerprint, "file_sha256", no_rehash)
     second = load_model(str(tiny_models["llama"]))
     assert second.fingerprint == first.fingerprint
     assert second.tokenizer_hash == first.tokenizer_hash

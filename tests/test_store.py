@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rcllm import files
 from rcllm.engine.blocks import BlockKV, Segment, uncached
 from rcllm.engine.forward import BlockEngine
 from rcllm.engine.models import load_model
@@ -38,7 +39,7 @@ from rcllm.store import (
     placement_dir,
     users_dir,
 )
-from rcllm.store import files, shards
+from rcllm.store import shards
 
 FINGERPRINT = "ab" * 32
 TOKEN_BYTES = 2 * 2 * 8 * 4 * 2 + 8  # make_block's defaults: K and V in float32, and an int64 id

@@ -8,7 +8,6 @@ anything on disk is touched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import defaultdict
@@ -26,8 +25,8 @@ from rcllm.engine.api import open_ranker
 from rcllm.engine.blocks import BlockKV, context_hash
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import Ranker, block_key
+from rcllm.files import file_sha256, write_file
 from rcllm.store import BlockStore, Manifest, check_compatible, default_nodes, model_record, node_dir, placement_dir, users_dir
-from rcllm.store.files import atomic_write
 from rcllm.store.layout import CATALOG_COPY, EMBEDDINGS, HISTORIES_COPY, ITEM_IDS, ITEM_KEYS
 from rcllm.store.placement import Placement, load_placement, save_placement
 
@@ -106,14 +105,6 @@ def torch_element_size(dtype) -> int:
     import torch
 
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fill_store(
@@ -241,11 +232,11 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
         placement = pl.place_items(embeddings, tokens, options.nodes, histories=sequences_idx or None, seed=options.seed)
         placed(1)
         pdir.mkdir(parents=True, exist_ok=True)
-        atomic_write(pdir / EMBEDDINGS, _npy_bytes(embeddings))
+        write_file(pdir / EMBEDDINGS, _npy_bytes(embeddings))
         save_placement(placement, pdir)
-        atomic_write(pdir / ITEM_IDS, json.dumps(item_ids).encode())
+        write_file(pdir / ITEM_IDS, json.dumps(item_ids))
         seconds["place"] = time.perf_counter() - t
-    atomic_write(pdir / ITEM_KEYS, json.dumps([key_for(ranker, ids) for ids in token_ids]).encode())
+    write_file(pdir / ITEM_KEYS, json.dumps([key_for(ranker, ids) for ids in token_ids]))
     write_catalog(items, out / CATALOG_COPY)
 
     # Precompute KV: item blocks on their node, history blocks replicated under users/.
@@ -293,7 +284,7 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
     manifest.block_context = {"token_ids": ranker.builder.system_ids().tolist(), "key": context_hash(ranker.builder.system_ids())}
     manifest.nodes = previous.nodes if previous else default_nodes(options.nodes)
     manifest.placement = placement_summary(placement, options.embedder, options.seed)
-    manifest.items = {"count": len(items), "tokens": int(tokens.sum()), "catalog_sha256": _sha256_file(out / CATALOG_COPY),
+    manifest.items = {"count": len(items), "tokens": int(tokens.sum()), "catalog_sha256": file_sha256(out / CATALOG_COPY),
                       "max_item_tokens": options.max_item_tokens}
     manifest.users = {"count": len(users), "history": options.history}
     manifest.build = {"seconds": {k: round(v, 3) for k, v in seconds.items()}, "quality": quality,
@@ -384,16 +375,16 @@ def append_items(catalog: Path, options: BuildOptions, reporter: Reporter | None
                         store.put(key, block)
                     advance(len(chunk))
         all_embeddings = np.concatenate([np.load(pdir / EMBEDDINGS)[: len(item_ids)], embeddings])
-        atomic_write(pdir / EMBEDDINGS, _npy_bytes(all_embeddings))
+        write_file(pdir / EMBEDDINGS, _npy_bytes(all_embeddings))
         save_placement(placement, pdir)
-        atomic_write(pdir / ITEM_KEYS, json.dumps(keys + new_keys).encode())
-        atomic_write(pdir / ITEM_IDS, json.dumps(item_ids + [i["id"] for i in new]).encode())
+        write_file(pdir / ITEM_KEYS, json.dumps(keys + new_keys))
+        write_file(pdir / ITEM_IDS, json.dumps(item_ids + [i["id"] for i in new]))
     merged = {**existing, **{i["id"]: i for i in new}}
     write_catalog(list(merged.values()), out / CATALOG_COPY)
     n_nodes = placement.n_nodes
     manifest.placement = placement_summary(placement, manifest.placement.get("embedder", options.embedder), manifest.placement.get("seed", 0))
     manifest.items = {**manifest.items, "count": len(merged), "tokens": int(placement.item_tokens.sum()),
-                      "catalog_sha256": _sha256_file(out / CATALOG_COPY)}
+                      "catalog_sha256": file_sha256(out / CATALOG_COPY)}
     manifest.save(out)
     nodes_summary = _node_summary(out, placement, n_nodes)
     total_bytes = sum(n["bytes"] for n in nodes_summary)

@@ -4,7 +4,6 @@ against a running coordinator (``--endpoint``)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +11,7 @@ import typer
 
 from rcllm.cli import DATA_DIR_HELP, DATASET_HELP, MODEL_HELP
 from rcllm.cli.common import console, err, fail, set_threads
+from rcllm.files import write_file
 
 
 def eval_command(
@@ -114,13 +114,8 @@ def _eval_endpoint(endpoint, dataset, data_dir, systems, settings, concurrency, 
 
 
 def _write_json(path: Path, data: dict) -> None:
-    import tempfile
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_file(path, json.dumps(data, indent=2))
 
 
 def register(app: typer.Typer) -> None:

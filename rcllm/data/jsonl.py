@@ -1,13 +1,13 @@
 """JSON Lines plumbing shared by rcllm's file formats: line-numbered reading that collects every
-problem before failing, and atomic writing (temp file, fsync, rename)."""
+problem before failing, and atomic writing (through rcllm/files.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from rcllm.files import fill_file
 
 
 class DataFormatError(ValueError):
@@ -89,40 +89,19 @@ def check_id(obj: dict, key: str) -> str | None:
 
 
 def write_lines_atomic(lines: Iterable[str], path: Path | str) -> Path:
-    """Write ``lines`` (each without its newline) to ``path`` through a temporary file in the same
-    folder, fsynced and renamed over the target: readers see the old file or the new, never half."""
+    """Write ``lines`` (each without its newline) to ``path`` with :func:`rcllm.files.fill_file`:
+    readers see the old file or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for line in lines:
                 f.write(line)
                 f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared catalog from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+
+    return fill_file(path, fill)
 
 
 def write_jsonl(rows: Iterable[dict], path: Path | str) -> Path:
     return write_lines_atomic((json.dumps(row, ensure_ascii=False) for row in rows), path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform (Windows), hence optional.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

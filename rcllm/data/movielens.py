@@ -4,7 +4,6 @@ headers), and the GroupLens releases of ml-1m and ml-100k (found, or downloaded,
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from rcllm.assets import wheel_file
 from rcllm.data.dataset import Dataset
 from rcllm.data.jsonl import DataFormatError, Problems
+from rcllm.files import fill_file, write_folder
 
 _YEAR_SUFFIX = re.compile(r"\s*\((\d{4})\)\s*$")
 
@@ -237,23 +237,30 @@ def _download(url: str, dest: Path) -> None:
 
 
 def _fetch_ml1m(target: Path, download: Callable[[str, Path], None]) -> None:
-    """Download the ml-1m zip and move its three files into ``target`` by rename only, so an
-    interrupted download never leaves a half-written file where :func:`find_ml1m` looks."""
+    """Download the ml-1m zip and put its three files into ``target``, each whole or not at all
+    (rcllm/files.py), so an interrupted download never leaves a half-written file where
+    :func:`find_ml1m` looks."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".ml-1m-download-") as tmp:
-        archive, staged = Path(tmp) / "ml-1m.zip", Path(tmp) / "ml-1m"
+        archive = Path(tmp) / "ml-1m.zip"
         download(ML1M_URL, archive)
-        staged.mkdir()
         with zipfile.ZipFile(archive) as z:
             members = {PurePosixPath(n).name: n for n in z.namelist()}
             for name in ML1M_FILES:
                 if name not in members:
                     raise zipfile.BadZipFile(f"{ML1M_URL} holds no {name}")
-                with z.open(members[name]) as src, (staged / name).open("wb") as dst:
+
+            def extract(name: str, dest: Path) -> None:
+                with z.open(members[name]) as src, dest.open("wb") as dst:
                     shutil.copyfileobj(src, dst)
-        if not target.exists():
-            os.replace(staged, target)
-            return
-        for name in ML1M_FILES:  # a partial folder (a file or two put there by hand) is completed
-            if not (target / name).is_file():
-                os.replace(staged / name, target / name)
+
+            def extract_all(folder: Path) -> None:
+                for name in ML1M_FILES:
+                    extract(name, folder / name)
+
+            if not target.exists():
+                write_folder(target, extract_all)
+                return
+            for name in ML1M_FILES:  # a partial folder (a file or two put there by hand) is completed
+                if not (target / name).is_file():
+                    fill_file(target / name, lambda tmp, name=name: extract(name, tmp))

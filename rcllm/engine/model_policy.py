@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from rcllm.engine.models import EMBEDDED_MODELS, embedded_dir
 from rcllm.engine.policy import parse_policy
+from rcllm.files import write_file
 
 POLICY_FILE = "rcllm-policy.json"
 FALLBACK_POLICY = "boundary:2"
@@ -92,29 +92,13 @@ def default_policy(model: str | os.PathLike, fingerprint: str | None = None) -> 
 
 
 def write_policy_file(folder: Path, record: dict) -> Path:
-    """Write ``record`` as ``folder/rcllm-policy.json``: to a temporary file, fsynced, renamed over
-    the old one, so a reader sees the old file or the new one, never half of one."""
+    """Write ``record`` as ``folder/rcllm-policy.json`` with :func:`rcllm.files.write_file`, so a
+    reader sees the old file or the new one, never half of one."""
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise ValueError(f"a policy record needs {', '.join(missing)}")
     parse_policy(record["policy"])
     folder = Path(folder)
     path = folder / POLICY_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{POLICY_FILE}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp made it private; a model folder may be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+    write_file(path, json.dumps(record, indent=2) + "\n")
     return path

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from rcllm.data.metrics import headline_hit_rate
+from rcllm.files import fill_file
 
 
 def result_tables(result: dict) -> tuple[Table, Table]:
@@ -102,13 +101,8 @@ def plot_result(result: dict, path: str | Path) -> Path:
     ax2.set_title(f"quality ({result['dataset']}, {result['candidates']} candidates)")
     ax2.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent or ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        fill_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # tmp ends in .tmp, not .png
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rcllm.store.files import atomic_write
+from rcllm.files import write_file
 
 if TYPE_CHECKING:
     from rcllm.engine.models import LoadedModel
@@ -129,7 +129,7 @@ class Manifest:
         self.updated = _now()
         self.created = self.created or self.updated
         path = cache_dir / MANIFEST_NAME
-        atomic_write(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        write_file(path, json.dumps(self.to_dict(), indent=2) + "\n")
         self.cache_dir = cache_dir
         return path
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from rcllm.files import fill_file
 
 _ARRAYS_FILE = "placement.npz"
 _INDEX_FILE = "centroids.faiss"
@@ -59,20 +59,6 @@ def token_imbalance(node_tokens: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """``write(temporary path)``, fsync, then rename over ``path``: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _centroids_digest(centroids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(centroids, dtype=np.float32).tobytes()).hexdigest()
 
@@ -85,7 +71,7 @@ def save_placement(placement: Placement, folder: str | os.PathLike) -> None:
     centroids = np.ascontiguousarray(placement.centroids, dtype=np.float32)
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
-    _write_atomic(folder / _INDEX_FILE, lambda tmp: faiss.write_index(index, tmp))
+    fill_file(folder / _INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
     arrays = {
         "item_cluster": np.asarray(placement.item_cluster, dtype=np.int64),
         "cluster_node": np.asarray(placement.cluster_node, dtype=np.int64),
@@ -94,11 +80,11 @@ def save_placement(placement: Placement, folder: str | os.PathLike) -> None:
         "centroids_sha256": np.str_(_centroids_digest(centroids)),
     }
 
-    def write_arrays(tmp: str) -> None:
+    def write_arrays(tmp: Path) -> None:
         with open(tmp, "wb") as handle:  # a file object: np.savez would add ".npz" to a name
             np.savez(handle, **arrays)
 
-    _write_atomic(folder / _ARRAYS_FILE, write_arrays)
+    fill_file(folder / _ARRAYS_FILE, write_arrays)
 
 
 def load_placement(folder: str | os.PathLike) -> Placement:

@@ -37,7 +37,7 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
 from rcllm.engine.blocks import BlockKV
-from rcllm.store.files import fsync_dir, fsync_file
+from rcllm.files import fsync_dir, fsync_file
 
 SHARD_FORMAT = "rcllm-shard/1"
 BLOCK_FORMAT = "rcllm-block/1"

@@ -1,26 +1,26 @@
-"""Checkpoints of an interrupted run, and folders that appear whole or not at all.
+"""Checkpoints of an interrupted run: saved whole or not at all, resumed, Ctrl-C deferred.
 
 A checkpoint lives beside the output folder (``rcllm-model`` -> ``rcllm-model.ckpt``) and holds
 the trainable parameters (the LoRA adapter, or every weight), the optimizer and schedule, the
 step, the RNG states and the run's history so far. Both it and the final model folder are
-written into a temporary folder next to their target and renamed into place.
+written into a temporary folder next to their target and renamed into place
+(:func:`rcllm.files.write_folder`, which the training loop imports from here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import shutil
 import signal
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from rcllm.files import write_folder
 
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.pt"
@@ -31,28 +31,6 @@ RNG_FILE = "rng.pt"
 def checkpoint_dir(out: Path) -> Path:
     out = Path(out).absolute()
     return out.with_name(out.name + ".ckpt")
-
-
-def write_folder(target: Path, fill: Callable[[Path], None]) -> Path:
-    """Run ``fill(tmp)`` on a fresh temporary folder beside ``target``, then rename it to ``target``
-    (replacing an older one). Nothing is left behind if ``fill`` fails or is interrupted."""
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from rcllm.assets import MissingAssetError, wheel_file
 from rcllm.engine.models.resolve import EMBEDDED_MODELS, ModelNotFoundError, embedded_dir
+from rcllm.files import write_folder
 
 _COMPLETE_MARKER = ".rcllm-complete.json"
 
@@ -135,8 +135,9 @@ def pull_embedded(name: str = "smollm2-135m", progress: bool = True) -> Path:
     """The converted folder of an embedded model, converting it the first time.
 
     The conversion writes into a temporary folder beside the target and renames it into place
-    once complete (the completion marker is written last, inside it), under a file lock, so a
-    concurrent or interrupted conversion never leaves a folder that is later used.
+    once complete (:func:`rcllm.files.write_folder`; the completion marker is written last,
+    inside it), under a file lock, so a concurrent or interrupted conversion never leaves a
+    folder that is later used.
     """
     if name not in EMBEDDED_MODELS:
         raise ModelNotFoundError(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED_MODELS)}")
@@ -160,8 +161,8 @@ def pull_embedded(name: str = "smollm2-135m", progress: bool = True) -> Path:
                 f"{gguf_path.name} to {target} (once; takes ~20 s)..."
             )
         started = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models_dir))
-        try:
+
+        def convert(tmp: Path) -> None:
             with transformers_progress(progress):
                 facts = _convert_gguf(name, gguf_path, tmp)
             marker = {
@@ -177,18 +178,10 @@ def pull_embedded(name: str = "smollm2-135m", progress: bool = True) -> Path:
 
                 marker["transformers_version"] = transformers.__version__
             (tmp / _COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            os.chmod(tmp, 0o755)  # mkdtemp made it private; the cache may be shared
             for file in tmp.iterdir():
-                os.chmod(file, 0o644)
-            if target.exists() or target.is_symlink():
-                # an incomplete folder (no marker): move it aside, then drop it
-                trash = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models_dir))
-                os.replace(target, trash / "old")
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                os.chmod(file, 0o644)  # the cache may be shared
+
+        write_folder(target, convert)  # replaces an incomplete folder (no marker) left there
         if console is not None:
             console.print(
                 f"[bold]rcllm[/bold]: {name} ready in {time.perf_counter() - started:.1f} s ({target})"

@@ -10,16 +10,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rcllm.engine.models.resolve import user_cache_dir
+from rcllm.files import file_sha256, write_file
 
-_CHUNK = 1 << 20  # 1 MiB
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # config.to_dict() keys that say how/where the config was loaded rather than what the model is
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype"}
@@ -34,14 +32,6 @@ def _config_identity(config) -> dict:
     return {k: v for k, v in data.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
 
 
-def _hash_file_bytes(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _prune_sidecars(folder: Path, keep_at_most: int = 512) -> None:
     sidecars = list(folder.glob("*.json"))
     if len(sidecars) <= keep_at_most:
@@ -52,7 +42,7 @@ def _prune_sidecars(folder: Path, keep_at_most: int = 512) -> None:
                 sidecar.unlink()
 
 
-def _file_sha256(path: Path) -> str:
+def _cached_sha256(path: Path) -> str:
     """sha256 of a file's bytes, cached in a sidecar keyed by (absolute path, size, mtime_ns)."""
     real = path.resolve()
     stat = real.stat()
@@ -63,13 +53,10 @@ def _file_sha256(path: Path) -> str:
         cached = json.loads(sidecar.read_text())
         if all(cached.get(k) == v for k, v in key.items()) and len(cached.get("sha256", "")) == 64:
             return cached["sha256"]
-    digest = _hash_file_bytes(real)
-    with contextlib.suppress(OSError):
+    digest = file_sha256(real)
+    with contextlib.suppress(OSError):  # the cache is an optimisation: a read-only one still works
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(_canonical_json({**key, "sha256": digest}))
-        os.replace(tmp, sidecar)
+        write_file(sidecar, _canonical_json({**key, "sha256": digest}))
         _prune_sidecars(folder)
     return digest
 
@@ -80,7 +67,7 @@ def weights_hash(folder: Path) -> str | None:
         return None
     digest = hashlib.sha256()
     for file in files:
-        digest.update(f"{file.name}\0{_file_sha256(file)}\n".encode())
+        digest.update(f"{file.name}\0{_cached_sha256(file)}\n".encode())
     return digest.hexdigest()
 
 
