@@ -6,10 +6,12 @@
 - ``forward``: the differentiable plain / block-aware forward and the label loss
 - ``validate``: validation HR@K with the serving ranker on the weights being trained
 - ``checkpoint``: Ctrl-C checkpoints, resume, atomic output folders
-- ``loop``: :func:`train`, which ties them together; ``report``: machine facts and the plot
+- ``settings``: the run's flags, their checks and schedules; ``loop``: :func:`train`, which ties them
+  together; ``report``: machine facts and the plot
 """
 
-from rcllm.train.loop import TrainingInterrupted, TrainResult, TrainSettings, train
+from rcllm.train.loop import TrainingInterrupted, TrainResult, train
+from rcllm.train.settings import TrainSettings
 from rcllm.train.masks import block_attention_mask, block_positions
 
 __all__ = ["TrainResult", "TrainSettings", "TrainingInterrupted", "block_attention_mask", "block_positions", "train"]

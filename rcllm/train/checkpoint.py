@@ -4,7 +4,7 @@ A checkpoint lives beside the output folder (``rcllm-model`` -> ``rcllm-model.ck
 the trainable parameters (the LoRA adapter, or every weight), the optimizer and schedule, the
 step, the RNG states and the run's history so far. Both it and the final model folder are
 written into a temporary folder next to their target and renamed into place
-(:func:`rcllm.files.write_folder`, which the training loop imports from here).
+(:func:`rcllm.files.write_folder`).
 """
 
 from __future__ import annotations

@@ -18,8 +18,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,15 +27,15 @@ import torch
 from rcllm.data.dataset import Dataset
 from rcllm.engine.forward import BlockEngine
 from rcllm.engine.models import LoadedModel, load_model
-from rcllm.engine.prompt import LABELS, TEMPLATE_FILE, PromptBuilder, PromptTemplate, model_template
+from rcllm.engine.prompt import TEMPLATE_FILE, PromptBuilder, PromptTemplate, model_template
 from rcllm.engine.ranker import Ranker
+from rcllm.files import write_folder
 from rcllm.train.checkpoint import (
     checkpoint_dir,
     deferred_interrupt,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
-    write_folder,
 )
 from rcllm.train.examples import ExampleStream, PromptEncoder
 from rcllm.train.forward import (
@@ -50,131 +49,18 @@ from rcllm.train.forward import (
     probe_match,
     probe_label_attention,
 )
-from rcllm.train.masks import block_aware_step
+from rcllm.train.settings import (
+    DISTILL_LOSS,
+    LORA_TARGETS,
+    LOSS,
+    PLOT_FILE,
+    REPORT_FILE,
+    RESUME_KEYS,
+    Progress,
+    TrainSettings,
+)
 from rcllm.train.report import losses_by_attention, machine, plot_training
 from rcllm.train.validate import baselines, validate
-
-METHODS = ("lora", "full")
-BLOCK_AWARE = ("mix", "on", "off")
-AMP = ("auto", "bf16", "off")
-SCHEDULES = ("cosine", "linear", "constant")
-DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
-RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
-               "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers", "recent", "link_tokens",
-               "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum")  # fmt: skip
-REPORT_FILE, PLOT_FILE = "training.json", "training.png"
-LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
-DISTILL_LOSS = (
-    "on block-aware steps, plus distill_weight * T^2 KL(teacher || student) of the label distributions at "
-    "temperature T, plus hidden_weight * the teacher-normalised squared error of every layer's hidden states at "
-    "the fresh tokens (labels, links, instruction); the teacher is a plain prefill of the same prompt"
-)
-
-Progress = Callable[[int, int, dict], None]  # (steps done, total steps, logs of the step)
-
-
-@dataclass
-class TrainSettings:
-    out: Path = Path("rcllm-model")
-    dataset: str = "ml-100k"
-    model: str = "smollm2-135m"
-    method: str = "lora"
-    steps: int = 300
-    batch: int = 8
-    lr: float | None = None  # None: DEFAULT_LR of the method
-    history: int = 20
-    candidates: int = 20
-    block_aware: str = "mix"
-    device: str = "cpu"
-    seed: int = 0
-    eval_every: int = 50
-    val_users: int = 100
-    lora_rank: int = 16
-    amp: str = "auto"  # bf16 autocast of the training forward: auto | bf16 | off
-    schedule: str = "cosine"  # learning rate after the warm-up: cosine | linear (decay to 0) | constant
-    train_layers: int = 0  # train only the top N decoder layers (0: all)
-    recent: int = 10  # examples from each user's K latest training positions, users drawn uniformly (0: all)
-    link_tokens: int | None = None  # fresh link tokens after each item (None: the start model's template, else 0)
-    teacher: str | None = None  # a model whose plain prefill block-aware steps are distilled from
-    distill_weight: float = 1.0
-    hidden_weight: float = 1.0
-    temperature: float = 2.0
-    match_weight: float = 0.0  # weight of the match loss at the label tokens (every step)
-    curriculum: int = 0  # steps over which the recomputed tail of each item (block-aware steps) falls from all to none
-    data_dir: Path | None = None
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        if self.lr is None:
-            self.lr = DEFAULT_LR.get(self.method)
-
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown --schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
-        if self.recent < 0:
-            raise ValueError("--recent must be >= 0 (0: every training position)")
-        if self.train_layers < 0:
-            raise ValueError("--train-layers must be >= 0 (0 trains every layer)")
-        if self.amp not in AMP:
-            raise ValueError(f"unknown --amp {self.amp!r}; expected one of {', '.join(AMP)}")
-        if self.block_aware not in BLOCK_AWARE:
-            raise ValueError(f"unknown block-aware mode {self.block_aware!r}; expected one of {', '.join(BLOCK_AWARE)}")
-        if not 2 <= self.candidates <= len(LABELS):
-            raise ValueError(
-                f"--candidates {self.candidates}: a prompt holds 2 to {len(LABELS)} candidates (one label each)"
-            )
-        for name in ("batch", "eval_every", "val_users", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.link_tokens is not None and not 0 <= self.link_tokens <= 16:
-            raise ValueError(f"--link-tokens {self.link_tokens}: between 0 and 16 fresh tokens after each item")
-        if self.teacher is not None and self.block_aware == "off":
-            raise ValueError("--teacher distils block-aware steps: pass --block-aware on or mix with it")
-        if min(self.distill_weight, self.hidden_weight, self.match_weight) < 0 or self.temperature <= 0:
-            raise ValueError("--distill-weight, --hidden-weight and --match-weight must be >= 0 and --temperature > 0")
-        if self.curriculum < 0:
-            raise ValueError("--curriculum must be >= 0 steps (0: no curriculum)")
-        if self.curriculum and self.block_aware == "off":
-            raise ValueError("--curriculum shapes block-aware steps: pass --block-aware on or mix with it")
-        if self.steps < 0 or self.history < 0:
-            raise ValueError("steps and history must be >= 0")
-        if not self.lr or self.lr <= 0:
-            raise ValueError("the learning rate must be > 0")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["out"] = str(self.out)
-        data["data_dir"] = None if self.data_dir is None else str(self.data_dir)
-        return data
-
-    def autocast(self) -> bool:
-        """Whether training forwards run under bfloat16 autocast (weights and optimizer stay fp32).
-
-        ``auto`` turns it on where the hardware computes bfloat16 natively: CUDA devices with bf16
-        support, and CPUs with AVX512-BF16 or AMX (where it is ~2x faster than fp32 for a
-        forward+backward of a 135M model); elsewhere bf16 would be emulated and slower.
-        """
-        if self.amp != "auto":
-            return self.amp == "bf16"
-        if self.device.startswith("cuda"):
-            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return _cpu_has_bf16()
-
-    def block_aware_at(self, step: int) -> bool:
-        return block_aware_step(self.block_aware, step)
-
-    def tails_at(self, step: int) -> float:
-        """The share of each item block recomputed at block-aware step ``step``: from 1 (a plain
-        prefill) down to 0 (reuse without correction) linearly over ``curriculum`` steps."""
-        return max(0.0, 1.0 - step / self.curriculum) if self.curriculum else 0.0
-
 
 def _template(lm: LoadedModel, settings: TrainSettings) -> PromptTemplate:
     """The prompt template of the run: the start model's (a folder from an earlier run records
@@ -205,11 +91,6 @@ def _load_teacher(settings: TrainSettings, student: LoadedModel) -> LoadedModel 
             )
     teacher.model.eval().requires_grad_(False)
     return teacher
-
-
-def _cpu_has_bf16() -> bool:
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 class TrainingInterrupted(Exception):
