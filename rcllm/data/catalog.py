@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from rcllm.data.jsonl import DataFormatError, Problems, check_id, json_type, read_objects, write_jsonl
+from rcllm.data.jsonl import DataFormatError, Problems, check_id, json_type, read_objects, unique_valid, write_jsonl
 
 
 class CatalogError(DataFormatError):
@@ -87,22 +87,11 @@ def _valid_items(
     count_tokens: Callable[[dict], int] | None = None,
 ) -> list[dict]:
     items: list[dict] = []
-    first_line: dict[str, int] = {}
-    for line_no, item in numbered:
-        found = item_problems(item)
-        for problem in found:
-            problems.add(line_no, problem)
-        if found:
-            continue
-        item_id = item["id"]
-        if item_id in first_line:
-            problems.add(line_no, f"duplicate id {item_id!r} (first on line {first_line[item_id]})")
-            continue
-        first_line[item_id] = line_no
+    for line_no, item in unique_valid(numbered, problems, item_problems, "id"):
         if max_item_tokens is not None:
             n_tokens = count_tokens(item)
             if n_tokens > max_item_tokens:
-                problems.add(line_no, f"item {item_id!r} is {n_tokens} tokens, over max_item_tokens={max_item_tokens}")
+                problems.add(line_no, f"item {item['id']!r} is {n_tokens} tokens, over max_item_tokens={max_item_tokens}")
                 continue
         items.append(item)
     return items

@@ -21,7 +21,7 @@ import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from rcllm.data.jsonl import DataFormatError, Problems, check_id, json_type, read_objects, write_jsonl
+from rcllm.data.jsonl import DataFormatError, Problems, check_id, json_type, read_objects, unique_valid, write_jsonl
 
 Interaction = tuple[str, str, float]  # (user_id, item_id, timestamp)
 
@@ -57,6 +57,21 @@ def load_interactions(
     return rows, unknown.count
 
 
+def _history_problems(obj: Mapping) -> list[str]:
+    """What is wrong with one line of a histories file (empty when it is valid)."""
+    found = [problem] if (problem := check_id(obj, "user_id")) else []
+    history = obj.get("history")
+    if "history" not in obj:
+        found.append("missing history")
+    elif not isinstance(history, list):
+        found.append(f"history must be a list of item ids, got {json_type(history)}")
+    else:
+        bad = [n for n, item in enumerate(history) if not isinstance(item, str) or not item.strip()]
+        if bad:
+            found.append(f"history[{bad[0]}] must be a non-empty string item id ({len(bad)} bad in all)")
+    return found
+
+
 def load_histories(
     path: Path | str,
     items: Collection[str] | None = None,
@@ -71,27 +86,8 @@ def load_histories(
     problems = Problems(path, max_errors)
     unknown = Problems(path, max_errors)
     histories: dict[str, list[str]] = {}
-    first_line: dict[str, int] = {}
-    for line_no, obj in read_objects(Path(path), problems):
-        found = [problem] if (problem := check_id(obj, "user_id")) else []
-        history = obj.get("history")
-        if "history" not in obj:
-            found.append("missing history")
-        elif not isinstance(history, list):
-            found.append(f"history must be a list of item ids, got {json_type(history)}")
-        else:
-            bad = [n for n, item in enumerate(history) if not isinstance(item, str) or not item.strip()]
-            if bad:
-                found.append(f"history[{bad[0]}] must be a non-empty string item id ({len(bad)} bad in all)")
-        for problem in found:
-            problems.add(line_no, problem)
-        if found:
-            continue
-        user = obj["user_id"]
-        if user in first_line:
-            problems.add(line_no, f"duplicate user_id {user!r} (first on line {first_line[user]})")
-            continue
-        first_line[user] = line_no
+    for line_no, obj in unique_valid(read_objects(Path(path), problems), problems, _history_problems, "user_id"):
+        user, history = obj["user_id"], obj["history"]
         if items is not None:
             for item in history:
                 if item not in items:

@@ -4,7 +4,7 @@ problem before failing, and atomic writing (through rcllm/files.py)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from rcllm.files import fill_file
@@ -59,6 +59,26 @@ def read_objects(path: Path, problems: Problems) -> Iterator[tuple[int, dict]]:
                 problems.add(line_no, f"expected a JSON object, got {json_type(obj)}")
                 continue
             yield line_no, obj
+
+
+def unique_valid(
+    numbered: Iterable[tuple[int, dict]], problems: Problems, check: Callable[[Mapping], list[str]], key: str
+) -> Iterator[tuple[int, dict]]:
+    """The ``(line number, object)`` pairs whose object ``check`` finds nothing wrong with and
+    whose ``key`` was not on an earlier line; every problem and repeat is recorded in ``problems``."""
+    first_line: dict[str, int] = {}
+    for line_no, obj in numbered:
+        found = check(obj)
+        for problem in found:
+            problems.add(line_no, problem)
+        if found:
+            continue
+        value = obj[key]
+        if value in first_line:
+            problems.add(line_no, f"duplicate {key} {value!r} (first on line {first_line[value]})")
+            continue
+        first_line[value] = line_no
+        yield line_no, obj
 
 
 def json_type(value) -> str:

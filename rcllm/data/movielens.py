@@ -9,11 +9,12 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path, PurePosixPath
 
 from rcllm.assets import wheel_file
 from rcllm.data.dataset import Dataset
+from rcllm.data.formats import Interaction
 from rcllm.data.jsonl import DataFormatError, Problems
 from rcllm.files import fill_file, write_folder
 
@@ -93,6 +94,38 @@ def _require(folder: Path, files: tuple[str, ...], what: str) -> None:
         raise FileNotFoundError(f"{folder} is not a {what} folder: missing {', '.join(missing)}")
 
 
+def _ratings(
+    path: Path,
+    sep: str,
+    expected: str,
+    what: str,
+    items: Collection[str],
+    unknown_item: str,
+    users: Collection[str] | None = None,
+    unknown_user: str = "",
+) -> list[Interaction]:
+    """The ``user, item, rating, timestamp`` lines (integers split by ``sep``) of a GroupLens
+    ratings file as interactions, after checking all of it: each item must be in ``items`` and,
+    when ``users`` is given, each user in ``users`` (``unknown_*`` name the id and where it is
+    missing, ``{}`` standing for the id)."""
+    problems = Problems(path)
+    interactions = []
+    for line_no, line in _lines(path):
+        fields = line.split(sep)
+        if len(fields) != 4 or not all(f.isdigit() for f in fields):
+            problems.add(line_no, f"expected {expected} (integers)")
+            continue
+        user, item, _, ts = fields
+        if item not in items:
+            problems.add(line_no, "unknown " + unknown_item.format(item))
+        elif users is not None and user not in users:
+            problems.add(line_no, "unknown " + unknown_user.format(user))
+        else:
+            interactions.append((user, item, float(ts)))
+    problems.raise_if_any(DataFormatError, what)
+    return interactions
+
+
 def load_ml1m(folder: Path | str) -> Dataset:
     """MovieLens-1M from its GroupLens files: every movie of ``movies.dat`` as an item (title,
     year, genres as categories), every rating of ``ratings.dat`` as an interaction. ``users.dat``
@@ -132,22 +165,10 @@ def load_ml1m(folder: Path | str) -> Dataset:
         users.add(fields[0])
     problems.raise_if_any(DataFormatError, "users file")
 
-    path = folder / "ratings.dat"
-    problems = Problems(path)
-    interactions = []
-    for line_no, line in _lines(path):
-        fields = line.split("::")
-        if len(fields) != 4 or not all(f.isdigit() for f in fields):
-            problems.add(line_no, "expected UserID::MovieID::Rating::Timestamp (integers)")
-            continue
-        user, movie, _, ts = fields
-        if movie not in items:
-            problems.add(line_no, f"unknown movie id {movie} (not in movies.dat)")
-        elif user not in users:
-            problems.add(line_no, f"unknown user id {user} (not in users.dat)")
-        else:
-            interactions.append((user, movie, float(ts)))
-    problems.raise_if_any(DataFormatError, "ratings file")
+    interactions = _ratings(
+        folder / "ratings.dat", "::", "UserID::MovieID::Rating::Timestamp", "ratings file",
+        items, "movie id {} (not in movies.dat)", users, "user id {} (not in users.dat)",
+    )
     return Dataset("ml-1m", items, interactions)
 
 
@@ -190,18 +211,10 @@ def load_ml100k_grouplens(folder: Path | str) -> Dataset:
         items[fields[0]] = {"id": fields[0], "title": title, "year": year, "categories": categories}
     problems.raise_if_any(DataFormatError, "u.item file")
 
-    path = folder / "u.data"
-    problems = Problems(path)
-    interactions = []
-    for line_no, line in _lines(path):
-        fields = line.split("\t")
-        if len(fields) != 4 or not all(f.isdigit() for f in fields):
-            problems.add(line_no, "expected user<TAB>item<TAB>rating<TAB>timestamp (integers)")
-        elif fields[1] not in items:
-            problems.add(line_no, f"unknown item id {fields[1]} (not in u.item)")
-        else:
-            interactions.append((fields[0], fields[1], float(fields[3])))
-    problems.raise_if_any(DataFormatError, "u.data file")
+    interactions = _ratings(
+        folder / "u.data", "\t", "user<TAB>item<TAB>rating<TAB>timestamp", "u.data file",
+        items, "item id {} (not in u.item)",
+    )
     return Dataset("ml-100k", items, interactions)
 
 
