@@ -31,11 +31,11 @@ from aiohttp import web
 from rcllm.data.formats import load_histories
 from rcllm.serve.costs import CostModel, kv_bytes_per_token
 from rcllm.serve.directory import ItemDirectory
-from rcllm.serve.http import bearer, event, json_error, make_middlewares
+from rcllm.serve.http import bearer, event, json_error, make_app
 from rcllm.serve.metrics import Registry
 from rcllm.serve.replication import REPLICA_SHARE, HotItems
 from rcllm.serve.routing import NodeView, RouteQuery, Router
-from rcllm.serve.schema import MAX_BODY_BYTES, RecommendRequest, check_known, parse_request
+from rcllm.serve.schema import RecommendRequest, check_known, parse_request
 from rcllm.store import Manifest, users_dir
 from rcllm.store.layout import HISTORIES_COPY
 
@@ -145,14 +145,12 @@ class Coordinator:
         return m
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=make_middlewares(self.metrics))
-        app.router.add_post("/v1/recommend", self.recommend)
-        app.router.add_get("/v1/cluster", self.cluster)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.render_metrics)
-        app.on_startup.append(self._start)
-        app.on_cleanup.append(self._stop)
-        return app
+        routes = [
+            ("POST", "/v1/recommend", self.recommend),
+            ("GET", "/v1/cluster", self.cluster),
+            ("GET", "/health", self.health),
+        ]
+        return make_app(self.metrics, routes, self._start, self._stop)
 
     async def _start(self, app) -> None:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
@@ -387,6 +385,3 @@ class Coordinator:
     async def health(self, request: web.Request) -> web.Response:
         up = sum(link.view.up for link in self.links)
         return web.json_response({"status": "ok", "nodes_up": up, "nodes": len(self.links)})
-
-    async def render_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from rcllm.engine.errors import RequestError
 from rcllm.serve.metrics import Registry
-from rcllm.serve.schema import error_body
+from rcllm.serve.schema import MAX_BODY_BYTES, error_body
 
 log = logging.getLogger("rcllm.serve")
 SHUTDOWN_TIMEOUT_S = 60.0  # how long a draining server waits for its in-flight requests
@@ -109,6 +109,23 @@ def make_middlewares(metrics: Registry, token: str | None = None, open_paths: tu
         return response
 
     return [errors]
+
+
+def make_app(metrics: Registry, routes, start, stop, token: str | None = None) -> web.Application:
+    """An app with :func:`make_middlewares`, bodies up to MAX_BODY_BYTES, ``routes``
+    (``(method, path, handler)``) plus ``GET /metrics`` (``metrics`` in the Prometheus text
+    format), ``start(app)`` on startup and ``stop(app)`` on cleanup (after in-flight requests)."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=make_middlewares(metrics, token))
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+
+    async def render_metrics(request: web.Request) -> web.Response:
+        return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
+
+    app.router.add_get("/metrics", render_metrics)
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app
 
 
 def bearer(token: str | None) -> dict:

@@ -36,11 +36,11 @@ from aiohttp import web
 from rcllm.engine.blocks import BlockKV
 from rcllm.engine.errors import RequestError
 from rcllm.serve.batcher import EngineBatcher
-from rcllm.serve.http import bearer, event, json_error, make_middlewares
+from rcllm.serve.http import bearer, event, json_error, make_app
 from rcllm.serve.metrics import Registry
 from rcllm.serve.replication import REPLICA_SHARE
 from rcllm.serve.runner import NodeRunner
-from rcllm.serve.schema import MAX_BODY_BYTES, parse_request
+from rcllm.serve.schema import parse_request
 from rcllm.store import block_from_bytes
 
 PEER_BACKOFF_S = 2.0  # after a failed fetch, recompute rather than ask that peer again for this long
@@ -100,16 +100,14 @@ class NodeServer:
         return m
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=make_middlewares(self.metrics, self.token))
-        app.router.add_post("/v1/recommend", self.recommend)
-        app.router.add_get("/v1/blocks/{key}", self.block)
-        app.router.add_post("/v1/replicate", self.replicate)
-        app.router.add_get("/v1/state", self.state)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.render_metrics)
-        app.on_startup.append(self._start)
-        app.on_cleanup.append(self._stop)
-        return app
+        routes = [
+            ("POST", "/v1/recommend", self.recommend),
+            ("GET", "/v1/blocks/{key}", self.block),
+            ("POST", "/v1/replicate", self.replicate),
+            ("GET", "/v1/state", self.state),
+            ("GET", "/health", self.health),
+        ]
+        return make_app(self.metrics, routes, self._start, self._stop, self.token)
 
     async def _start(self, app) -> None:
         self.session = aiohttp.ClientSession()
@@ -237,6 +235,3 @@ class NodeServer:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "node": self.node})
-
-    async def render_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
