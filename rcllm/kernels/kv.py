@@ -31,18 +31,23 @@ def place_blocks(
     """
     if not (len(keys) == len(values) == len(starts) == len(deltas)):
         raise ValueError("place_blocks: keys, values, starts and deltas must have the same length")
-    length = dst_k.shape[-2]
     for k, v, start, delta in zip(keys, values, starts, deltas):
+        check_block(dst_k, k, v, start)
         n = k.shape[-2]
-        if k.shape != v.shape or k.shape[:-2] != dst_k.shape[:-2] or k.shape[-1] != dst_k.shape[-1]:
-            raise ValueError(
-                f"block KV of shape {tuple(k.shape)}/{tuple(v.shape)} does not fit a context of "
-                f"shape {tuple(dst_k.shape)}"
-            )
-        if start < 0 or start + n > length:
-            raise ValueError(f"block of {n} tokens at {start} overruns a context of {length} tokens")
         dst_k[..., start : start + n, :] = rerotate(k.to(device=dst_k.device), delta, inv_freq, layout).to(dst_k.dtype)
         dst_v[..., start : start + n, :] = v.to(device=dst_v.device, dtype=dst_v.dtype)
+
+
+def check_block(dst_k: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+    """Raise ValueError unless block KV ``k``/``v`` fits the context ``dst_k`` at ``start``."""
+    n, length = k.shape[-2], dst_k.shape[-2]
+    if k.shape != v.shape or k.shape[:-2] != dst_k.shape[:-2] or k.shape[-1] != dst_k.shape[-1]:
+        raise ValueError(
+            f"block KV of shape {tuple(k.shape)}/{tuple(v.shape)} does not fit a context of "
+            f"shape {tuple(dst_k.shape)}"
+        )
+    if start < 0 or start + n > length:
+        raise ValueError(f"block of {n} tokens at {start} overruns a context of {length} tokens")
 
 
 def scatter_kv(

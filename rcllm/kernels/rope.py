@@ -13,7 +13,7 @@ import torch
 LAYOUTS = ("half", "interleaved")
 
 
-def _check_layout(layout: str) -> None:
+def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown RoPE layout {layout!r}; expected one of {LAYOUTS}")
 
@@ -42,7 +42,7 @@ def apply_rope(
     cos/sin are rounded to ``x``'s dtype before the rotation, exactly as the stock
     transformers forward does, so that a full recompute matches it bit for bit in float32.
     """
-    _check_layout(layout)
+    check_layout(layout)
     cos, sin = rope_angles(positions, inv_freq)
     return _rotate(x, cos.to(x.dtype), sin.to(x.dtype), layout)
 
@@ -55,7 +55,7 @@ def rerotate(
     The rotation angle is formed in float64 and the product in float32: re-rotation then adds
     no error beyond the single rounding of its cos/sin, whatever the distance moved.
     """
-    _check_layout(layout)
+    check_layout(layout)
     n = k.shape[-2]
     delta = torch.as_tensor(delta, device=k.device)
     if delta.dim() == 0:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from rcllm.kernels import kv as reference
+from rcllm.kernels.rope import check_layout
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -96,18 +97,10 @@ def place_blocks(
     """
     if not (len(keys) == len(values) == len(starts) == len(deltas)) or not keys:
         return reference.place_blocks(dst_k, dst_v, keys, values, starts, deltas, inv_freq, layout)
-    if layout not in ("half", "interleaved"):
-        raise ValueError(f"unknown RoPE layout {layout!r}; expected one of ('half', 'interleaved')")
-    length, head_dim = dst_k.shape[-2], dst_k.shape[-1]
+    check_layout(layout)
     for k, v, start in zip(keys, values, starts):
-        n = k.shape[-2]
-        if k.shape != v.shape or k.shape[:-2] != dst_k.shape[:-2] or k.shape[-1] != head_dim:
-            raise ValueError(
-                f"block KV of shape {tuple(k.shape)}/{tuple(v.shape)} does not fit a context of "
-                f"shape {tuple(dst_k.shape)}"
-            )
-        if start < 0 or start + n > length:
-            raise ValueError(f"block of {n} tokens at {start} overruns a context of {length} tokens")
+        reference.check_block(dst_k, k, v, start)
+    head_dim = dst_k.shape[-1]
     src_dtype = keys[0].dtype
     k_rows, v_rows = _rows(dst_k), _rows(dst_v)
     if (
