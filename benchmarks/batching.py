@@ -23,15 +23,17 @@ import torch
 from rcllm.data.movielens import load_ml100k_recbole
 from rcllm.data.sampling import sample_requests
 from rcllm.engine import MemoryBlockCache, open_ranker
+from rcllm.engine.model_policy import FALLBACK_POLICY
+from rcllm.engine.models import DEFAULT_MODEL
 from rcllm.engine.prompt import item_text
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,4,8")
-    ap.add_argument("--policy", default="boundary:2")
+    ap.add_argument("--policy", default=FALLBACK_POLICY)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -42,7 +44,7 @@ def main() -> None:
     ranker = open_ranker(args.model, device=args.device)
     engine, builder = ranker.engine, ranker.builder
     data = load_ml100k_recbole()
-    requests = sample_requests(data, max(sizes), history=20, candidates=20, seed=args.seed)
+    requests = sample_requests(data, max(sizes), seed=args.seed)
     source = MemoryBlockCache(engine, builder)
     prompts = []
     for req in requests:

@@ -21,6 +21,7 @@ from rcllm.build.pipeline import BuildOptions, build_cache
 from rcllm.data.loaders import load_dataset, prepare
 from rcllm.data.synthetic import make_synthetic
 from rcllm.engine import open_ranker
+from rcllm.engine.models import DEFAULT_MODEL
 
 
 def run(ranker, name: str, dataset, root: Path, batch: int) -> None:
@@ -36,7 +37,7 @@ def run(ranker, name: str, dataset, root: Path, batch: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--scales", default="1,2,4")

@@ -21,12 +21,13 @@ import torch
 from rcllm.data.movielens import load_ml100k_recbole
 from rcllm.data.sampling import sample_requests
 from rcllm.engine import MemoryBlockCache, Segment, open_ranker, uncached
+from rcllm.engine.models import DEFAULT_MODEL
 from rcllm.engine.prompt import item_text
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--candidates", type=int, default=20)

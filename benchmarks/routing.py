@@ -38,6 +38,7 @@ from rcllm.data.catalog import write_catalog
 from rcllm.data.formats import write_histories, write_interactions
 from rcllm.data.synthetic import make_synthetic
 from rcllm.engine import open_ranker
+from rcllm.engine.models import DEFAULT_MODEL
 from rcllm.serve.costs import kv_bytes_per_token
 from rcllm.serve.routing import STRATEGIES, NodeView, RouteQuery, Router
 from rcllm.serve.runner import NodeData, NodeRunner
@@ -139,7 +140,7 @@ def run_strategy(strategy: str, requests, ranker, data: NodeData, stores, users_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--items", type=int, default=600)
     ap.add_argument("--users", type=int, default=100)

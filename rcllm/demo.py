@@ -27,7 +27,8 @@ from pathlib import Path
 
 from rcllm.data.dataset import Dataset
 from rcllm.data.metrics import kendall_tau
-from rcllm.data.sampling import RankingRequest
+from rcllm.data.sampling import DEFAULT_HISTORY, RankingRequest
+from rcllm.engine.models import DEFAULT_MODEL
 
 STATE_FILE = "cluster.json"  # pids and addresses of the running demo cluster (removed at exit)
 
@@ -39,9 +40,9 @@ class DemoSettings:
     nodes: int = 2
     requests: int = 24
     candidates: int = 10
-    history: int = 20
+    history: int = DEFAULT_HISTORY
     policy: str | None = None  # None: the model's gated policy (rcllm.engine.model_policy.default_policy)
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     concurrency: int = 2
     seed: int = 0
     data_dir: Path | None = None

@@ -40,3 +40,13 @@ def test_every_option_has_help_and_a_stated_default(path, command):
         assert getattr(argument, "help", None), f"rcllm {' '.join(path)} {argument.name}: no help"
     result = CliRunner().invoke(app, [*path, "--help"])
     assert result.exit_code == 0, result.output
+
+
+def test_cli_defaults_are_the_engines():
+    """rcllm/cli restates the engine's default model and fallback policy so that --help does not
+    import torch: they must stay the same values."""
+    from rcllm import cli
+    from rcllm.engine.model_policy import FALLBACK_POLICY
+    from rcllm.engine.models import DEFAULT_MODEL
+
+    assert (cli.DEFAULT_MODEL, cli.FALLBACK_POLICY) == (DEFAULT_MODEL, FALLBACK_POLICY)

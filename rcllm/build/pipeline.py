@@ -21,9 +21,11 @@ from rcllm.build import placement as pl
 from rcllm.build.embed import get_embedder
 from rcllm.data.catalog import load_catalog, write_catalog
 from rcllm.data.formats import load_histories, load_interactions, write_histories
+from rcllm.data.sampling import DEFAULT_HISTORY
 from rcllm.engine.api import open_ranker
 from rcllm.engine.blocks import BlockKV, context_hash
 from rcllm.engine.prompt import item_text
+from rcllm.engine.models import DEFAULT_MODEL
 from rcllm.engine.ranker import Ranker, block_key
 from rcllm.files import file_sha256, write_file
 from rcllm.store import BlockStore, Manifest, check_compatible, default_nodes, model_record, node_dir, placement_dir, users_dir
@@ -45,14 +47,14 @@ class Reporter:
 class BuildOptions:
     out: Path = Path("rcllm-cache")
     nodes: int = 2
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     users: Path | None = None
     interactions: Path | None = None
     device: str = "cpu"
     dtype: str = "fp32"
     embedder: str = "minilm"
     max_item_tokens: int = 256
-    history: int = 20
+    history: int = DEFAULT_HISTORY
     batch_size: int = 16
     seed: int = 0
     max_shard_mb: int = 64

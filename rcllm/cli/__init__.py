@@ -1,7 +1,16 @@
 """The ``rcllm`` command line. Help texts shared by several commands live here."""
 
-MODEL_HELP = "Model: the embedded 'smollm2-135m', a local folder, or a Hugging Face id."
+from rcllm.data.sampling import DEFAULT_CANDIDATES, DEFAULT_HISTORY
+
+# rcllm.engine.models.DEFAULT_MODEL and rcllm.engine.model_policy.FALLBACK_POLICY, restated
+# because importing rcllm.engine imports torch (seconds), and parsing a command line or --help
+# should not; tests/test_cli_help.py checks that they agree.
+DEFAULT_MODEL = "smollm2-135m"
+FALLBACK_POLICY = "boundary:2"
+
+MODEL_HELP = f"Model: the embedded '{DEFAULT_MODEL}', a local folder, or a Hugging Face id."
 POLICY_HELP = "Correction policy: none | boundary:K | tail:K | deviation:R | full."
+GATED_POLICY_HELP = f" Default: the model's gated policy (its rcllm-policy.json), else {FALLBACK_POLICY}."
 DATASET_HELP = "ml-1m | ml-100k | synthetic | bookshop (the example in examples/) | a folder with catalog.jsonl and interactions.jsonl."
 
 DATA_DIR_HELP = (

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rcllm.cli import MODEL_HELP
+from rcllm.cli import DEFAULT_HISTORY, DEFAULT_MODEL, MODEL_HELP
 from rcllm.cli.common import RichReporter, console, err, fail, set_threads
 
 cache_app = typer.Typer(help="Inspect and grow a block cache.", no_args_is_help=True)
@@ -20,13 +20,13 @@ def build_cache_command(
     catalog: Path = typer.Argument(..., help="Catalog: JSON Lines, one item per line (id, title, text, year, categories)."),
     out: Path = typer.Option(DEFAULT_CACHE, help="Cache folder (created; a rerun resumes it)."),
     nodes: int = typer.Option(2, min=1, help="Serving nodes to shard the item blocks across."),
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     users: Optional[Path] = typer.Option(None, help="histories.jsonl: user histories to precompute (replicated to every node). Default: none, item blocks only."),
     interactions: Optional[Path] = typer.Option(None, help="interactions.jsonl: keeps items that co-occur on one node. Default: none, placement by similarity only."),
     append: bool = typer.Option(False, help="Add new (cold-start) items to an existing cache: no rebuild."),
     embedder: str = typer.Option("minilm", help="Item embedder for placement: minilm | llm | a sentence-encoder folder."),
     max_item_tokens: int = typer.Option(256, help="Refuse items whose block would be longer than this."),
-    history: int = typer.Option(20, help="Most recent history items in a user's history block."),
+    history: int = typer.Option(DEFAULT_HISTORY, help="Most recent history items in a user's history block."),
     batch_size: int = typer.Option(16, help="Blocks computed per forward pass."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (KV is stored in this dtype)."),

@@ -11,14 +11,23 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rcllm.cli import DATA_DIR_HELP, DATASET_HELP, MODEL_HELP, POLICY_HELP
+from rcllm.cli import (
+    DATA_DIR_HELP,
+    DATASET_HELP,
+    DEFAULT_CANDIDATES,
+    DEFAULT_HISTORY,
+    DEFAULT_MODEL,
+    GATED_POLICY_HELP,
+    MODEL_HELP,
+    POLICY_HELP,
+)
 from rcllm.cli.common import console, err, fail, set_threads
 
 
 def check(
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     policy: Optional[str] = typer.Option(
-        None, help=POLICY_HELP + " Default: the model's gated policy (its rcllm-policy.json), else boundary:2."
+        None, help=POLICY_HELP + GATED_POLICY_HELP
     ),
     sweep: bool = typer.Option(
         False, "--sweep", help="Measure the fidelity/speed frontier of a grid of policies on held-out requests and "
@@ -33,8 +42,8 @@ def check(
         "reference. Default: none and a few boundary:K, tail:K and deviation:R (rcllm.eval.check.DEFAULT_SWEEP)."
     ),
     prompts: int = typer.Option(20, min=1, help="Number of sample ranking prompts (held-out requests)."),
-    history: int = typer.Option(20, min=0, help="History items per prompt."),
-    candidates: int = typer.Option(20, min=2, max=26, help="Candidates per prompt."),
+    history: int = typer.Option(DEFAULT_HISTORY, min=0, help="History items per prompt."),
+    candidates: int = typer.Option(DEFAULT_CANDIDATES, min=2, max=26, help="Candidates per prompt."),
     calibration: str = typer.Option("contextual", help="Label-bias correction: contextual | none."),
     max_hr_delta: float = typer.Option(
         0.01, help="With --sweep: largest |change of HR@10| against full prefill a policy may show (HR@1 when "

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rcllm.cli import MODEL_HELP, POLICY_HELP
+from rcllm.cli import DEFAULT_MODEL, GATED_POLICY_HELP, MODEL_HELP, POLICY_HELP
 from rcllm.cli.common import RichReporter, console, err, fail
 
 
@@ -24,9 +24,9 @@ def demo(
     requests: int = typer.Option(24, min=1, help="Ranking requests, one per sampled user (leave-one-out)."),
     candidates: int = typer.Option(10, min=2, max=26, help="Candidates per request: the held-out item + negatives."),
     policy: Optional[str] = typer.Option(
-        None, help=POLICY_HELP + " Default: the model's gated policy (its rcllm-policy.json), else boundary:2."
+        None, help=POLICY_HELP + GATED_POLICY_HELP
     ),
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     concurrency: int = typer.Option(2, min=1, help="Requests in flight at once."),
     show: int = typer.Option(3, min=0, help="Users whose history and top-5 are printed."),
     seed: int = typer.Option(0, help="Seed for users, negatives and request order."),

@@ -9,7 +9,15 @@ from typing import Optional
 
 import typer
 
-from rcllm.cli import DATA_DIR_HELP, DATASET_HELP, MODEL_HELP
+from rcllm.cli import (
+    DATA_DIR_HELP,
+    DATASET_HELP,
+    DEFAULT_CANDIDATES,
+    DEFAULT_HISTORY,
+    DEFAULT_MODEL,
+    FALLBACK_POLICY,
+    MODEL_HELP,
+)
 from rcllm.cli.common import console, err, fail, set_threads
 from rcllm.files import write_file
 
@@ -19,14 +27,14 @@ def eval_command(
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     users: int = typer.Option(200, min=1, help="Sampled test users."),
     requests_per_user: int = typer.Option(3, min=1, help="Requests per user (fresh negatives each), interleaved."),
-    candidates: int = typer.Option(20, min=2, help="Candidates per request: the positive plus C-1 negatives."),
-    history: int = typer.Option(20, min=0, help="History items per request (most recent)."),
+    candidates: int = typer.Option(DEFAULT_CANDIDATES, min=2, help="Candidates per request: the positive plus C-1 negatives."),
+    history: int = typer.Option(DEFAULT_HISTORY, min=0, help="History items per request (most recent)."),
     negatives: str = typer.Option("popularity", help="Negative sampling: popularity | uniform."),
     systems: Optional[str] = typer.Option(
         None, help="Systems to compare, comma-separated: full, prefix, rcllm:POLICY. Default: full, prefix, rcllm "
-        "with the model's gated policy (its rcllm-policy.json, else boundary:2), rcllm:deviation:0.15, rcllm:none.",
+        f"with the model's gated policy (its rcllm-policy.json, else {FALLBACK_POLICY}), rcllm:deviation:0.15, rcllm:none.",
     ),
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     cache: Optional[Path] = typer.Option(None, help="Block cache to use (default: built or reused under the user cache)."),
     hot_tier_mb: int = typer.Option(256, help="rcllm's in-memory block tier in MiB; the prefix cache gets the same."),
     calibration: str = typer.Option("contextual", help="Label-bias correction: contextual | none."),

@@ -14,15 +14,15 @@ console = Console()
 err = Console(stderr=True)
 
 DATASET_HELP = "ml-1m | ml-100k | synthetic | a folder with catalog.jsonl and interactions.jsonl."
-from rcllm.cli import DATA_DIR_HELP
+from rcllm.cli import DATA_DIR_HELP, DEFAULT_CANDIDATES, DEFAULT_HISTORY, DEFAULT_MODEL
 from rcllm.data.metrics import headline_hit_rate
 
-MODEL_HELP = "Model to start from: the embedded 'smollm2-135m', a local folder, or a Hugging Face id."
+MODEL_HELP = f"Model to start from: the embedded '{DEFAULT_MODEL}', a local folder, or a Hugging Face id."
 
 
 def finetune(
     dataset: str = typer.Option("ml-100k", help=DATASET_HELP),
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     out: Path = typer.Option(
         Path("rcllm-model"), help="Output model folder (written whole at the end; a checkpoint goes to OUT.ckpt)."
     ),
@@ -30,8 +30,8 @@ def finetune(
     steps: int = typer.Option(300, min=0, help="Optimizer steps (0: evaluate and save the model as it is)."),
     batch: int = typer.Option(8, min=1, help="Training prompts per step."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: 2e-4 for lora, 2e-5 for full)."),
-    history: int = typer.Option(20, min=0, help="History items per prompt (most recent)."),
-    candidates: int = typer.Option(20, min=2, max=26, help="Candidates per prompt: the positive plus C-1 negatives."),
+    history: int = typer.Option(DEFAULT_HISTORY, min=0, help="History items per prompt (most recent)."),
+    candidates: int = typer.Option(DEFAULT_CANDIDATES, min=2, max=26, help="Candidates per prompt: the positive plus C-1 negatives."),
     block_aware: str = typer.Option(
         "mix", help="Attention of cached reuse while training: on | mix (every other step) | off (plain causal)."
     ),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import typer
 
+from rcllm.cli import DEFAULT_MODEL
 from rcllm.cli.common import fail
 
 model_app = typer.Typer(help="Manage models (the embedded default and your own).", no_args_is_help=True)
 
 
 @model_app.command("pull")
-def model_pull(name: str = typer.Argument("smollm2-135m", help="Embedded model to convert to a safetensors folder.")) -> None:
+def model_pull(name: str = typer.Argument(DEFAULT_MODEL, help="Embedded model to convert to a safetensors folder.")) -> None:
     """Convert an embedded model once into the user cache and print its folder."""
     from rcllm.engine.models import EMBEDDED_MODELS, pull_embedded
 

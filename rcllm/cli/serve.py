@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 DEFAULT_CACHE = Path("rcllm-cache")
-from rcllm.cli import TOKEN_HELP
+from rcllm.cli import FALLBACK_POLICY, TOKEN_HELP
 
 
 def _fail(message: str) -> None:
@@ -32,7 +32,7 @@ def serve(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     policy: Optional[str] = typer.Option(
         None, help="Policy for requests that name none: none | boundary:K | tail:K | deviation:R | full. Default: the model's "
-        "gated policy (rcllm-policy.json in its folder, written by rcllm check --sweep), else boundary:2.",
+        f"gated policy (rcllm-policy.json in its folder, written by rcllm check --sweep), else {FALLBACK_POLICY}.",
     ),
     hot_mb: float = typer.Option(256.0, help="Memory budget of the hot block tier, MiB."),
     max_queue: int = typer.Option(64, min=1, help="Requests waiting for the engine before the node answers 503."),

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from rcllm.data.dataset import Dataset
 
+# A request's most recent history items and its candidates (the positive among them), the
+# defaults of every command and settings class that samples requests or builds history blocks.
+DEFAULT_HISTORY = 20
+DEFAULT_CANDIDATES = 20
+
 
 @dataclass
 class RankingRequest:
@@ -19,8 +24,8 @@ class RankingRequest:
 def sample_requests(
     dataset: Dataset,
     n_users: int,
-    history: int = 20,
-    candidates: int = 20,
+    history: int = DEFAULT_HISTORY,
+    candidates: int = DEFAULT_CANDIDATES,
     negatives: str = "popularity",
     seed: int = 0,
     requests_per_user: int = 1,

@@ -7,7 +7,7 @@ import os
 import torch
 
 from rcllm.engine.forward import BlockEngine
-from rcllm.engine.models import load_model
+from rcllm.engine.models import DEFAULT_MODEL, load_model
 from rcllm.engine.prompt import PromptBuilder, PromptTemplate, model_template
 from rcllm.engine.ranker import Ranker
 
@@ -21,7 +21,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def open_ranker(
-    model: str = "smollm2-135m",
+    model: str = DEFAULT_MODEL,
     device: str = "cpu",
     dtype: str = "fp32",
     calibration: str = "contextual",

@@ -27,7 +27,7 @@ import torch
 
 from rcllm.data.dataset import Dataset
 from rcllm.data.metrics import headline_hit_rate, kendall_tau, kl_divergence, rank_of
-from rcllm.data.sampling import sample_requests
+from rcllm.data.sampling import DEFAULT_CANDIDATES, DEFAULT_HISTORY, sample_requests
 from rcllm.engine.blocks import uncached
 from rcllm.engine.model_policy import write_policy_file
 from rcllm.engine.policy import parse_policy
@@ -392,8 +392,8 @@ def run_sweep(
 class GateSettings:
     dataset: str  # the dataset's name, for the record
     prompts: int = 20
-    history: int = 20
-    candidates: int = 20
+    history: int = DEFAULT_HISTORY
+    candidates: int = DEFAULT_CANDIDATES
     seed: int = 0
     policies: tuple[str, ...] = DEFAULT_SWEEP
     thresholds: Thresholds = field(default_factory=Thresholds)

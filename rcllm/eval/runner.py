@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rcllm.data.dataset import Dataset
 from rcllm.data.metrics import kendall_tau, kl_divergence, popularity_ranking, random_expectation, rank_of, summarize
-from rcllm.data.sampling import RankingRequest, sample_requests
+from rcllm.data.sampling import DEFAULT_CANDIDATES, DEFAULT_HISTORY, RankingRequest, sample_requests
 from rcllm.engine.policy import parse_policy
 from rcllm.engine.prefix_cache import PrefixSystem
 from rcllm.engine.prompt import item_text
@@ -21,8 +21,8 @@ from rcllm.eval.systems import FullSystem, RcllmSystem, parse_systems
 class EvalSettings:
     users: int = 200
     requests_per_user: int = 3
-    candidates: int = 20
-    history: int = 20
+    candidates: int = DEFAULT_CANDIDATES
+    history: int = DEFAULT_HISTORY
     negatives: str = "popularity"
     seed: int = 0
     hot_tier_bytes: int = 256 << 20  # rcllm's in-memory tier; the prefix cache gets the same budget

@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 
 from rcllm.data.formats import load_histories
+from rcllm.data.sampling import DEFAULT_HISTORY
 from rcllm.serve.costs import CostModel, kv_bytes_per_token
 from rcllm.serve.directory import ItemDirectory
 from rcllm.serve.http import bearer, event, json_error, make_app
@@ -76,7 +77,7 @@ def _total(counter) -> int:
 class Coordinator:
     def __init__(
         self, directory: ItemDirectory, addresses: list[str], bytes_per_token: int, *, strategy: str = "affinity",
-        token: str | None = None, histories: dict[str, list[str]] | None = None, history_len: int = 20,
+        token: str | None = None, histories: dict[str, list[str]] | None = None, history_len: int = DEFAULT_HISTORY,
         placement: dict | None = None, poll_every: float = 0.5, poll_timeout: float = 1.0,
         replicate_every: float = 2.0, hot: HotItems | None = None,
     ):
@@ -110,7 +111,7 @@ class Coordinator:
         histories = load_histories(histories_file, strict=False)[0] if histories_file.is_file() else {}
         return cls(
             ItemDirectory.load(cache_dir), addresses, kv_bytes_per_token(manifest.model), histories=histories,
-            history_len=int(manifest.users.get("history", 20)), placement=manifest.placement, **options,
+            history_len=int(manifest.users.get("history", DEFAULT_HISTORY)), placement=manifest.placement, **options,
         )
 
     def _metrics(self) -> Registry:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rcllm.data.catalog import load_catalog
 from rcllm.data.formats import load_histories
+from rcllm.data.sampling import DEFAULT_HISTORY
 from rcllm.engine.api import DTYPES, open_ranker
 from rcllm.engine.blocks import BlockKV
 from rcllm.engine.errors import RequestError
@@ -83,7 +84,7 @@ class NodeRunner:
         (:func:`~rcllm.engine.model_policy.default_policy`), and ``policy_reason`` says which."""
         self.ranker, self.node, self.data = ranker, node, data
         self.directory = data.directory
-        self.history_len = int(data.manifest.users.get("history", 20))
+        self.history_len = int(data.manifest.users.get("history", DEFAULT_HISTORY))
         if policy is None:
             chosen = default_policy(ranker.engine.lm.path, ranker.engine.lm.fingerprint)
             self.policy, self.policy_reason = chosen.policy, chosen.reason

@@ -21,6 +21,7 @@ One job per module:
 from rcllm.engine.models.convert import pull_embedded, transformers_progress
 from rcllm.engine.models.load import LoadedModel, load_model, resolve_model, wrap_model
 from rcllm.engine.models.resolve import (
+    DEFAULT_MODEL,
     EMBEDDED_MODELS,
     EmbeddedModel,
     ModelNotFoundError,
@@ -35,6 +36,7 @@ from rcllm.engine.models.support import (
 )
 
 __all__ = [
+    "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "SUPPORTED_FAMILIES",
     "SUPPORTED_ROPE_TYPES",

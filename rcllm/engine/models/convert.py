@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rcllm.assets import MissingAssetError, wheel_file
-from rcllm.engine.models.resolve import EMBEDDED_MODELS, ModelNotFoundError, embedded_dir
+from rcllm.engine.models.resolve import DEFAULT_MODEL, EMBEDDED_MODELS, ModelNotFoundError, embedded_dir
 from rcllm.files import write_folder
 
 _COMPLETE_MARKER = ".rcllm-complete.json"
@@ -131,7 +131,7 @@ def _is_complete(folder: Path) -> bool:
 
 
 
-def pull_embedded(name: str = "smollm2-135m", progress: bool = True) -> Path:
+def pull_embedded(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     """The converted folder of an embedded model, converting it the first time.
 
     The conversion writes into a temporary folder beside the target and renames it into place

