@@ -104,6 +104,18 @@ class BlockEngine:
         if self.max_positions is not None and length > self.max_positions:
             raise RequestError(f"prompt of {length} tokens exceeds the model's {self.max_positions} positions")
 
+    def check_prompt(self, segments: Sequence[Segment], max_new_tokens: int = 0) -> int:
+        """The prompt's length in tokens, after refusing cached blocks of another model or shape,
+        an empty prompt, and one that (with ``max_new_tokens``) is too long for the model."""
+        for i, seg in enumerate(segments):
+            if seg.kv is not None:
+                self.check_block(seg.kv, seg.name or f"#{i}")
+        length = sum(s.n_tokens for s in segments)
+        if length == 0:
+            raise ValueError("empty prompt: at least one token is needed")
+        self.check_length(length + max_new_tokens)
+        return length
+
     # -- the forward pass -------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -152,13 +164,7 @@ class BlockEngine:
 
     def _prepare(self, segments: Sequence[Segment], policy: Policy, max_new_tokens: int) -> "Prompt":
         """Check one prompt, place its cached blocks in a fresh context and select its tokens."""
-        for i, seg in enumerate(segments):
-            if seg.kv is not None:
-                self.check_block(seg.kv, seg.name or f"#{i}")
-        length = sum(s.n_tokens for s in segments)
-        if length == 0:
-            raise ValueError("empty prompt: at least one token is needed")
-        self.check_length(length + max_new_tokens)
+        length = self.check_prompt(segments, max_new_tokens)
 
         shape = (self.n_layers, self.n_kv_heads, length + max_new_tokens, self.head_dim)
         # Uninitialised on purpose: every entry is written (placed from a block, or scattered by

@@ -56,15 +56,9 @@ class StaticRecompute:
             raise ValueError(
                 "deviation narrows its recomputed tokens after its check layer: run it with BlockEngine.forward"
             )
-        for i, seg in enumerate(segments):
-            if seg.kv is not None:
-                engine.check_block(seg.kv, seg.name or f"#{i}")
-        length = sum(s.n_tokens for s in segments)
-        if length == 0:
-            raise ValueError("empty prompt: at least one token is needed")
+        length = engine.check_prompt(segments)
         if length > self.max_length:
             raise ValueError(f"prompt of {length} tokens exceeds this pass's {self.max_length}-token buffers")
-        engine.check_length(length)
 
         ids, _, _, idx = engine.select(segments, policy)  # the selection of BlockEngine.forward
         m = idx.numel()
