@@ -19,7 +19,7 @@ import time
 import torch
 
 from rcllm.data.movielens import load_ml100k_recbole
-from rcllm.data.sampling import sample_requests
+from rcllm.data.sampling import DEFAULT_CANDIDATES, DEFAULT_HISTORY, sample_requests
 from rcllm.engine import MemoryBlockCache, Segment, open_ranker, uncached
 from rcllm.engine.models import DEFAULT_MODEL
 from rcllm.engine.prompt import item_text
@@ -30,8 +30,8 @@ def main() -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--candidates", type=int, default=20)
-    ap.add_argument("--history", type=int, default=20)
+    ap.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
+    ap.add_argument("--history", type=int, default=DEFAULT_HISTORY)
     ap.add_argument("--policies", default="none,boundary:2,boundary:4,deviation:0.15")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -36,6 +36,7 @@ import torch
 from rcllm.build.pipeline import BuildOptions, build_cache
 from rcllm.data.catalog import write_catalog
 from rcllm.data.formats import write_histories, write_interactions
+from rcllm.data.sampling import DEFAULT_CANDIDATES
 from rcllm.data.synthetic import make_synthetic
 from rcllm.engine import open_ranker
 from rcllm.engine.models import DEFAULT_MODEL
@@ -145,7 +146,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=600)
     ap.add_argument("--users", type=int, default=100)
     ap.add_argument("--requests-per-user", type=int, default=2)
-    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
     ap.add_argument("--history", type=int, default=10, help="items in a user's history block")
     ap.add_argument("--local", type=float, default=0.8, help="share of negatives from the user's favourite categories")
     ap.add_argument("--tastes", type=int, default=1, help="how many of the user's most frequent categories are its favourites")
