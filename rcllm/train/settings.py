@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from rcllm.data.sampling import DEFAULT_CANDIDATES, DEFAULT_HISTORY
+from rcllm.engine.models import DEFAULT_MODEL
 from rcllm.engine.prompt import LABELS
 from rcllm.train.masks import block_aware_step
 
@@ -36,13 +38,13 @@ Progress = Callable[[int, int, dict], None]  # (steps done, total steps, logs of
 class TrainSettings:
     out: Path = Path("rcllm-model")
     dataset: str = "ml-100k"
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     method: str = "lora"
     steps: int = 300
     batch: int = 8
     lr: float | None = None  # None: DEFAULT_LR of the method
-    history: int = 20
-    candidates: int = 20
+    history: int = DEFAULT_HISTORY
+    candidates: int = DEFAULT_CANDIDATES
     block_aware: str = "mix"
     device: str = "cpu"
     seed: int = 0
