@@ -23,6 +23,11 @@ def load(path: Path) -> dict:
     return data
 
 
+def _speedup(row: dict) -> str:
+    """The row's speed-up over full, or ``-`` where the sweep left it out (timed on a busy machine)."""
+    return "-" if row.get("speedup") is None else f"{row['speedup']:.1f}x"
+
+
 def print_table(label: str, data: dict) -> None:
     k = data["headline"]
     print(f"\n{label}: {data['model']} on {data['dataset']}, {data['requests']} requests, C = {data['candidates']}")
@@ -31,7 +36,7 @@ def print_table(label: str, data: dict) -> None:
         hr = r["hr_at_10"] if k == "hr@10" else r["hr_at_1"]
         delta = r["hr_at_10_delta"] if k == "hr@10" else r["hr_at_1_delta"]
         print(f"{r['policy']:<16} {hr:>6.3f} {delta:>+8.3f} {r['top1_agree']:>6.2f} {r['kendall_tau']:>6.2f} "
-              f"{r['kl']:>7.3f} {r['recomputed_fraction']:>7.1%} {r['speedup']:>7.1f}x  {'*' if r['pareto'] else ''}")
+              f"{r['kl']:>7.3f} {r['recomputed_fraction']:>7.1%} {_speedup(r):>8}  {'*' if r['pareto'] else ''}")
     print(f"gate: {data['chosen'] or 'refused'}" + (f" ({data['refusal']})" if data.get("refusal") else ""))
 
 
@@ -47,7 +52,7 @@ def plot(runs: list[tuple[str, dict]], out: Path, min_top1: float) -> None:
         xs = [100 * r["recomputed_fraction"] for r in rows]
         ax.scatter(xs, [r["top1_agree"] for r in rows], color="tab:blue", zorder=3)
         for r, x in zip(rows, xs):
-            ax.annotate(f"{r['policy']} ({r['speedup']:.1f}x)", (x, r["top1_agree"]), fontsize=7,
+            ax.annotate(f"{r['policy']} ({_speedup(r)})", (x, r["top1_agree"]), fontsize=7,
                         xytext=(4, -10), textcoords="offset points")
         front = [(x, r["top1_agree"]) for r, x in zip(rows, xs) if r["pareto"]]
         if front:
