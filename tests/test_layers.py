@@ -282,3 +282,16 @@ def test_private_names_fail_outside_the_module_that_defines_them():
         "x = rcllm.engine.forward._Prompt, torch._C, rcllm.__name__\n",
     })
     assert problem.startswith("rcllm/eval/use.py:4: rcllm.eval.use uses ._Prompt, private to rcllm.engine.forward")
+
+
+MAX_LINES = 500
+
+
+def test_no_module_is_over_500_lines():
+    """A module that outgrows one screenful of jobs is split by job before it lands (issue #19)."""
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in sorted((ROOT / "rcllm").rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
