@@ -6,8 +6,9 @@ tokens the correction policy selects: their queries attend to the whole assemble
 causally by position, and their recomputed K/V overwrite the cached entries in place. With
 ``full`` every token is recomputed and the result is a plain prefill.
 
-We walk the model's own modules (norms, projections, MLP) and replace only attention: the
-stock transformers forward cannot recompute a different subset of tokens in every layer.
+We walk the model's own modules (norms, projections, MLP: ``rcllm.engine.layer``) and replace
+only attention: the stock transformers forward cannot recompute a different subset of tokens in
+every layer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from rcllm import kernels
 from rcllm.engine.blocks import BlockKV, Segment, context_hash
 from rcllm.engine.errors import RequestError
+from rcllm.engine.layer import finish, project
 from rcllm.engine.models import LoadedModel
 from rcllm.engine.policy import Policy, base_selection, deviation_selection, parse_policy
 
@@ -259,18 +261,10 @@ class BlockEngine:
     def run_layer(self, layer, h, prompts: list["Prompt"], layer_no: int):
         """One decoder layer for every prompt's selected tokens (``h``: [1, sum of their counts,
         hidden]); returns (h, per prompt: its deviations when this is its check layer, else None)."""
-        attn = layer.self_attn
-        m = h.shape[1]
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(m, -1, self.head_dim)
-        k = attn.k_proj(x).view(m, -1, self.head_dim)
-        v = attn.v_proj(x).view(m, -1, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = (t[0].transpose(0, 1) for t in project(layer, h, self.head_dim))  # [heads, m, head_dim]
         idx = torch.cat([p.idx for p in prompts]) if len(prompts) > 1 else prompts[0].idx
-        q = kernels.apply_rope(q.transpose(0, 1), idx, self.inv_freq)
-        k = kernels.apply_rope(k.transpose(0, 1), idx, self.inv_freq)
-        v = v.transpose(0, 1)
+        q = kernels.apply_rope(q, idx, self.inv_freq)
+        k = kernels.apply_rope(k, idx, self.inv_freq)
         outs, devs, first = [], [], 0
         for p in prompts:
             n = p.idx.numel()
@@ -286,11 +280,11 @@ class BlockEngine:
                 dev[p.idx] = moved
             devs.append(dev)
             kernels.scatter_kv(ck, cv, pk, pv, p.idx)
-            outs.append(kernels.selective_attention(pq, ck[:, : p.length], cv[:, : p.length], p.idx, attn.scaling))
+            outs.append(
+                kernels.selective_attention(pq, ck[:, : p.length], cv[:, : p.length], p.idx, layer.self_attn.scaling)
+            )
         o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        h = h + attn.o_proj(o.transpose(0, 1).reshape(1, m, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h, devs
+        return finish(layer, h, o.transpose(0, 1).unsqueeze(0)), devs
 
     def _decode(self, token: int, pos: int, ctx_k, ctx_v) -> torch.Tensor:
         idx = torch.tensor([pos], device=self.device)

@@ -11,11 +11,12 @@ re-rotates them). A key of a block token is therefore needed at two positions in
 
 A masked stock forward with ordinary position ids gets the second right and the first wrong:
 the distance from a block token to the system prefix would be its real distance, not the one
-the cache used. So we walk the model's own modules (norms, projections, MLP; LoRA layers are
-plain modules there too) and attend over both copies of the keys, ``[base copy | real copy]``:
-block rows read the base copy, every other row the real copy. The result equals the engine's
-``none`` policy with every block cached, to float rounding, and gradients flow through the
-block's hidden states as well as through the tokens that read them.
+the cache used. So we walk the model's own modules (norms, projections, MLP:
+``rcllm.engine.layer``; LoRA layers are plain modules there too) and attend over both copies of
+the keys, ``[base copy | real copy]``: block rows read the base copy, every other row the real
+copy. The result equals the engine's ``none`` policy with every block cached, to float
+rounding, and gradients flow through the block's hidden states as well as through the tokens
+that read them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from rcllm import kernels
+from rcllm.engine.layer import finish, project
 from rcllm.train.examples import EncodedPrompt
 from rcllm.train.masks import block_attention_mask, block_positions, block_token_flags, with_recomputed_tails
 
@@ -115,13 +117,9 @@ def _layer(
     layer, h: torch.Tensor, batch: Batch, inv_freq: torch.Tensor, head_dim: int, probe: list | None = None
 ) -> torch.Tensor:
     attn = layer.self_attn
-    b, n, _ = h.shape
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, n, -1, head_dim)
-    k = attn.k_proj(x).view(b, n, -1, head_dim)
-    v = attn.v_proj(x).view(b, n, -1, head_dim).transpose(1, 2)
-    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    n = h.shape[1]
+    q, k, v = project(layer, h, head_dim)
+    v = v.transpose(1, 2)
     q = _rope(q, batch.query_positions, inv_freq)
     keys = _rope(k, batch.positions, inv_freq)
     if batch.block_aware:
@@ -140,8 +138,7 @@ def _layer(
         # block-aware: a key's two copies (base, real) are one token; fold them, average the heads
         folded = weights[..., :n] + weights[..., n:] if batch.block_aware else weights
         probe.append(folded.mean(1))
-    h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    return finish(layer, h, o.transpose(1, 2))
 
 
 def answer_logits(
