@@ -121,7 +121,8 @@ def run_strategy(strategy: str, requests, ranker, data: NodeData, stores, users_
                 fetched[directory.keys[r]] = block_from_bytes(data_bytes)
                 nbytes += len(data_bytes)
         fetch_ms = args.rtt_ms + nbytes / bytes_per_ms if fetched else 0.0  # parallel fetches share the link
-        response = runner.run(job, fetched, fetch_ms)
+        job.fetched, job.fetch_ms = fetched, fetch_ms
+        response = runner.run(job)
         rows.append((node, response.cache.item_hits, response.cache.item_misses, response.ttft_ms, len(fetched)))
     hits = sum(r[1] for r in rows)
     # no router beats the node holding most of each request's candidates, but for hot-tier copies

@@ -11,6 +11,7 @@ from rcllm.data.metrics import kendall_tau, kl_divergence
 from rcllm.engine import BlockEngine, MemoryBlockCache, PromptBuilder, PromptTemplate, Ranker, Segment, item_text, uncached
 from rcllm.engine.errors import RequestError
 from rcllm.engine.models import load_model
+from rcllm.engine.job import RankJob
 from rcllm.engine.ranker import BlockSource, block_key
 from rcllm.serve.runner import HeldBlocks
 from rcllm.store import BlockStore
@@ -177,8 +178,10 @@ def test_refused_input_is_a_request_error_and_a_block_of_another_model_is_not(ra
     with pytest.raises(RequestError, match="exceeds the model's 40 positions"):
         ranker.rank(HISTORY, CANDIDATES, "none", source)
     monkeypatch.undo()
-    ranked = ranker.rank_many([(HISTORY, CANDIDATES, "none", source), (HISTORY, CANDIDATES, "sideways", source)])
-    assert ranked[0].order and isinstance(ranked[1], RequestError)
+    jobs = [RankJob(HISTORY, CANDIDATES, policy, blocks=source) for policy in ("none", "sideways")]
+    ranker.rank_many(jobs)
+    assert jobs[0].ranking.order and jobs[0].error is None
+    assert jobs[1].ranking is None and isinstance(jobs[1].error, RequestError)
 
     segments, _ = ranker.segments(HISTORY, CANDIDATES, source)
     foreign = dataclasses.replace(segments[1].kv, fingerprint="another model")

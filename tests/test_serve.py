@@ -844,7 +844,7 @@ def test_a_node_refuses_requests_beyond_max_queue_with_503_and_retry_after_and_a
     async def run():
         async with TestServer(server.app(), host="127.0.0.1") as test_server:
             url = str(test_server.make_url(""))
-            held = server.engine.call(gate.wait, 120)  # 120 s only guards against a hang: the test opens the gate
+            held = server.batcher.call(gate.wait, 120)  # 120 s only guards against a hang: the test opens the gate
             waiting = [asyncio.ensure_future(post(url, req)) for req in picked[:max_queue]]
             await until(lambda: server.pending == max_queue, f"{max_queue} requests queued")
             extra = asyncio.ensure_future(post(url, picked[-1]))
@@ -858,7 +858,7 @@ def test_a_node_refuses_requests_beyond_max_queue_with_503_and_retry_after_and_a
     try:
         admitted_beyond, answered_early, refused, answers, again = asyncio.run(run())
     finally:
-        server.engine.shutdown()
+        server.batcher.shutdown()
         runner.close()
     assert not admitted_beyond, "a request was admitted beyond max_queue"
     assert answered_early == [False] * max_queue  # they were waiting on the held engine
@@ -902,7 +902,7 @@ def test_an_internal_error_deep_in_the_engine_answers_500_refused_input_400_and_
         with LogRecords() as logged:
             internal, refused, answered = asyncio.run(run())
     finally:
-        server.engine.shutdown()
+        server.batcher.shutdown()
         runner.close()
     status, content_type, payload = internal
     assert status == 500 and content_type.startswith("application/json"), payload
@@ -949,7 +949,7 @@ def test_a_signalled_node_stops_accepting_then_answers_its_in_flight_requests_be
         while not await listening():
             assert not serving.done(), serving
             await asyncio.sleep(0.01)
-        server.engine.call(gate.wait, 120)  # 120 s only guards against a hang: the test opens the gate
+        server.batcher.call(gate.wait, 120)  # 120 s only guards against a hang: the test opens the gate
         async with RecommendClient(url, token=TOKEN) as client:
             sent = [asyncio.ensure_future(client.recommend(req)) for req in picked]
             await until(lambda: server.pending == len(picked), "every request in flight")
@@ -974,7 +974,7 @@ def test_a_signalled_node_stops_accepting_then_answers_its_in_flight_requests_be
         assert isinstance(got, RecommendResponse), got
         assert_same_ranking(got, want, "answered while draining")
     with pytest.raises(RuntimeError, match="shutting down"):  # the app's cleanup ran after the drain
-        server.engine.rank(runner.prepare(picked[0]), {}, 0.0)
+        server.batcher.rank(runner.prepare(picked[0]))
 
 
 def test_requests_that_queue_while_the_engine_is_busy_run_as_one_batch(cache, stream):
@@ -993,8 +993,8 @@ def test_requests_that_queue_while_the_engine_is_busy_run_as_one_batch(cache, st
         picked = [(req, want) for req, want in stream if req.max_new_tokens == 0][:6]
         jobs = [runner.prepare(req) for req, _ in picked]
         bad = dataclasses.replace(runner.prepare(picked[0][0]), policy="sideways")
-        futures = [batcher.rank(job, {}, 0.0) for job in jobs[:3]] + [batcher.rank(bad, {}, 0.0)]
-        futures += [batcher.rank(job, {}, 0.0) for job in jobs[3:]]
+        futures = [batcher.rank(job) for job in jobs[:3]] + [batcher.rank(bad)]
+        futures += [batcher.rank(job) for job in jobs[3:]]
         after = batcher.call(lambda: "ran after the batch")
         gate.set()
         assert blocker.result(timeout=30) is True
@@ -1016,7 +1016,7 @@ def test_max_batch_one_runs_requests_one_at_a_time(cache, stream):
     batcher = EngineBatcher(runner, max_batch=1)
     try:
         picked = [(req, want) for req, want in stream if req.max_new_tokens == 0][:3]
-        futures = [batcher.rank(runner.prepare(req), {}, 0.0) for req, _ in picked]
+        futures = [batcher.rank(runner.prepare(req)) for req, _ in picked]
         for (req, want), future in zip(picked, futures):
             assert_same_ranking(future.result(timeout=120), want, "one at a time")
         assert (batcher.batches, batcher.batched_requests) == (3, 3)
@@ -1024,7 +1024,7 @@ def test_max_batch_one_runs_requests_one_at_a_time(cache, stream):
         batcher.shutdown()
         runner.close()
     with pytest.raises(RuntimeError, match="shutting down"):
-        batcher.rank(runner.prepare(picked[0][0]), {}, 0.0)
+        batcher.rank(runner.prepare(picked[0][0]))
 
 
 @pytest.mark.slow

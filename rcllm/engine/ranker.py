@@ -20,6 +20,7 @@ import torch
 from rcllm.engine.blocks import BlockKV, Segment
 from rcllm.engine.errors import RequestError
 from rcllm.engine.forward import BlockEngine, ForwardResult
+from rcllm.engine.job import RankJob
 from rcllm.engine.policy import Policy, parse_policy
 from rcllm.engine.prompt import PromptBuilder
 
@@ -191,39 +192,40 @@ class Ranker:
             return self._rank_one(history, candidates, policy, source, max_new_tokens)
         return self._tournament(history, candidates, policy, source, max_new_tokens)
 
-    def rank_many(self, requests: Sequence[tuple], max_new_tokens: int = 0) -> list[Ranking | Exception]:
-        """Rank several requests ``(history, candidates, policy, source)`` with their forwards run
-        as one batch (:meth:`BlockEngine.forward_batch`); the result of a request whose input the
-        engine refuses is its :class:`RequestError`, and the others still get their rankings. Any
-        other exception is a fault of ours and propagates.
+    def rank_many(self, jobs: Sequence[RankJob]) -> None:
+        """Rank several jobs (:class:`~rcllm.engine.job.RankJob`: history, candidate texts, policy,
+        blocks) with their forwards run as one batch (:meth:`BlockEngine.forward_batch`): fills
+        each job's ``segments`` and ``ranking``, or its ``error`` (a :class:`RequestError`) if the
+        engine refuses its input; the others still get their rankings. Any other exception is a
+        fault of ours and propagates.
 
-        Requests that need a tournament (more candidates than labels) or a generated reply
+        Jobs that need a tournament (more candidates than labels) or a generated reply
         (``max_new_tokens``) run one at a time. Each batched ranking's ``ttft_ms`` is its prompt
         assembly plus the batch's forward: the time it waited for its first token.
         """
-        out: list[Ranking | Exception | None] = [None] * len(requests)
-        batch, shapes = [], []
-        for i, (history, candidates, policy, source) in enumerate(requests):
+        batch = []  # (job, its parsed policy, prompt assembly ms, cache stats)
+        for job in jobs:
             try:
-                policy = parse_policy(policy)
-                n = len(candidates)
-                if max_new_tokens or n > self.builder.max_candidates:
-                    out[i] = self.rank(history, candidates, policy, source, max_new_tokens)
+                policy = parse_policy(job.policy)
+                n = len(job.texts)
+                if job.max_new_tokens or n > self.builder.max_candidates:
+                    job.ranking = self.rank(job.history, job.texts, policy, job.blocks, job.max_new_tokens)
                     continue
                 if self.calibration == "contextual" and n:
                     self.label_prior(n)
                 start = time.perf_counter()
-                segs, stats = self.segments(history, candidates, source)
-                batch.append((segs, policy))
-                shapes.append((i, n, str(policy), (time.perf_counter() - start) * 1000.0, stats))
+                job.segments, stats = self.segments(job.history, job.texts, job.blocks)
+                batch.append((job, policy, (time.perf_counter() - start) * 1000.0, stats))
             except RequestError as e:
-                out[i] = e
-        results = self._forward_each(batch)
-        for (i, n, policy, assembled_ms, stats), result in zip(shapes, results):
-            out[i] = result if isinstance(result, Exception) else self.make_ranking(
-                result, n, policy, assembled_ms + result.prefill_ms, **stats
-            )
-        return out
+                job.error = e
+        results = self._forward_each([(job.segments, policy) for job, policy, _, _ in batch])
+        for (job, policy, assembled_ms, stats), result in zip(batch, results):
+            if isinstance(result, RequestError):
+                job.error = result
+            else:
+                job.ranking = self.make_ranking(
+                    result, len(job.texts), str(policy), assembled_ms + result.prefill_ms, **stats
+                )
 
     def _forward_each(self, batch: list) -> list[ForwardResult | Exception]:
         """The batch's forwards together; if the engine refuses one prompt, each alone, so that

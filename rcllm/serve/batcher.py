@@ -2,7 +2,8 @@
 
 torch modules and the hot tier are driven from this one thread only. Ranking requests are
 taken in arrival order; when the thread frees up it takes every ranking request waiting, up to
-``max_batch``, and runs them through :meth:`NodeRunner.run_many` (one batched forward). Other
+``max_batch``, and runs their :class:`~rcllm.engine.job.RankJob` through
+:meth:`NodeRunner.run_many` (one batched forward). Other
 work (admitting replicated blocks) runs alone, in its place in the queue. ``max_batch=1`` is
 one request at a time.
 """
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from rcllm.engine.job import RankJob
 from rcllm.serve.runner import NodeRunner
 
 
@@ -24,7 +26,7 @@ class EngineBatcher:
             raise ValueError("max_batch must be at least 1")
         self.runner = runner
         self.max_batch = max_batch
-        self._queue: collections.deque = collections.deque()  # ("rank", args, future) | ("call", (fn, args), future)
+        self._queue: collections.deque = collections.deque()  # ("rank", job, future) | ("call", (fn, args), future)
         self._ready = threading.Condition()
         self._closing = False
         self.batches = 0  # batched forwards run
@@ -32,9 +34,9 @@ class EngineBatcher:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def rank(self, job, fetched, fetch_ms: float) -> Future:
-        """A future for ``runner.run(job, fetched, fetch_ms)``'s response (or its RequestError)."""
-        return self._put("rank", (job, fetched, fetch_ms))
+    def rank(self, job: RankJob) -> Future:
+        """A future for the job's response (or its RequestError), as ``runner.run(job)`` gives."""
+        return self._put("rank", job)
 
     def call(self, fn: Callable[..., Any], *args) -> Future:
         """A future for ``fn(*args)`` run on the engine thread, alone."""
@@ -84,14 +86,14 @@ class EngineBatcher:
                     fn, args = live[0][1]
                     live[0][2].set_result(fn(*args))
                     continue
-                results = self.runner.run_many([payload for _, payload, _ in live])
+                self.runner.run_many([job for _, job, _ in live])
                 self.batches += 1
                 self.batched_requests += len(live)
-                for (_, _, future), result in zip(live, results):
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
+                for _, job, future in live:
+                    if job.error is not None:
+                        future.set_exception(job.error)
                     else:
-                        future.set_result(result)
+                        future.set_result(job.response)
             except BaseException as e:  # noqa: BLE001 - every waiter must hear about it; the thread goes on
                 for _, _, future in live:
                     if not future.done():

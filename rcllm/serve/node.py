@@ -35,6 +35,7 @@ from aiohttp import web
 
 from rcllm.engine.blocks import BlockKV
 from rcllm.engine.errors import RequestError
+from rcllm.engine.job import RankJob
 from rcllm.serve.batcher import EngineBatcher
 from rcllm.serve.http import bearer, event, json_error, make_app
 from rcllm.serve.metrics import Registry
@@ -60,7 +61,7 @@ class NodeServer:
         self.token = token
         self.max_queue = max_queue
         self.fetch_timeout = aiohttp.ClientTimeout(total=fetch_timeout_s)
-        self.engine = EngineBatcher(runner, max_batch, name=f"engine-{self.node}")
+        self.batcher = EngineBatcher(runner, max_batch, name=f"engine-{self.node}")
         self.pending = 0  # admitted requests not answered yet (waiting for, or on, the engine)
         self.session: aiohttp.ClientSession | None = None
         self.peer_down_until: dict[int, float] = {}
@@ -83,7 +84,7 @@ class NodeServer:
             return {(): lookups.get("hit", 0) / total} if total else {}
 
         m.gauge("rcllm_queue_depth", "Requests waiting for or on the engine", read=lambda: {(): self.pending})
-        m.gauge("rcllm_batch_mean", "Mean ranking requests per engine forward", read=lambda: {(): self.engine.mean_batch})
+        m.gauge("rcllm_batch_mean", "Mean ranking requests per engine forward", read=lambda: {(): self.batcher.mean_batch})
         m.gauge("rcllm_service_ms", "Moving average of a request's engine time", read=lambda: {(): runner.service_ms})
         self.ttft = m.histogram("rcllm_ttft_ms", "Time to first token (ranking latency) of answered requests")
         m.counter("rcllm_item_block_lookups_total", "Item block lookups by the tier that served them",
@@ -114,7 +115,7 @@ class NodeServer:
 
     async def _stop(self, app) -> None:  # after in-flight requests finished
         await self.session.close()
-        self.engine.shutdown()
+        self.batcher.shutdown()
         self.runner.close()
 
     # -- ranking ----------------------------------------------------------------------------
@@ -131,11 +132,11 @@ class NodeServer:
         self.pending += 1
         try:
             started = time.perf_counter()
-            fetched = await self._fetch_lacking(job)
-            fetch_ms = (time.perf_counter() - started) * 1000.0
+            job.fetched = await self._fetch_lacking(job)
+            job.fetch_ms = (time.perf_counter() - started) * 1000.0
             # the engine refusing this input (longer than the model takes...) raises RequestError:
             # a 400; anything else it raises is a fault of ours: a 500 (make_middlewares)
-            response = await asyncio.wrap_future(self.engine.rank(job, fetched, fetch_ms))
+            response = await asyncio.wrap_future(self.batcher.rank(job))
         finally:
             self.pending -= 1
         self.ttft.observe(response.ttft_ms)
@@ -144,7 +145,7 @@ class NodeServer:
     def _peer_up(self, node: int) -> bool:
         return node in self.peers and time.monotonic() >= self.peer_down_until.get(node, 0.0)
 
-    async def _fetch_lacking(self, job) -> dict[str, BlockKV]:
+    async def _fetch_lacking(self, job: RankJob) -> dict[str, BlockKV]:
         rows = self.runner.lacking(job)
         if not rows:
             return {}
@@ -220,7 +221,7 @@ class NodeServer:
                 wanted.append(key)
         blocks = await asyncio.gather(*(self._fetch(source, key) for key in wanted))
         got = {key: b for key, b in zip(wanted, blocks) if b is not None}
-        await asyncio.wrap_future(self.engine.call(runner.admit, got))
+        await asyncio.wrap_future(self.batcher.call(runner.admit, got))
         nbytes = sum(b.nbytes for b in got.values())
         self.replications.inc()
         self.replicated.inc(len(got))
@@ -230,7 +231,7 @@ class NodeServer:
     async def state(self, request: web.Request) -> web.Response:
         return web.json_response({
             **self.runner.state(), "queue_depth": self.pending, "max_queue": self.max_queue,
-            "max_batch": self.engine.max_batch, "mean_batch": self.engine.mean_batch,
+            "max_batch": self.batcher.max_batch, "mean_batch": self.batcher.mean_batch,
         })  # fmt: skip
 
     async def health(self, request: web.Request) -> web.Response:

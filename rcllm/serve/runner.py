@@ -2,8 +2,9 @@
 planned (fetch or recompute), and the ranking run over its tiered block store.
 
 The node's web server (:mod:`rcllm.serve.node`) fetches the planned blocks from peers on its
-event loop, then hands the request to :meth:`NodeRunner.run` on its single engine thread; the
-routing benchmark drives several runners in one process with in-process fetches.
+event loop, then hands the request's :class:`~rcllm.engine.job.RankJob` to
+:meth:`NodeRunner.run_many` on its single engine thread; the routing benchmark drives several
+runners in one process with in-process fetches.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rcllm.data.sampling import DEFAULT_HISTORY
 from rcllm.engine.api import DTYPES, open_ranker
 from rcllm.engine.blocks import BlockKV
 from rcllm.engine.errors import RequestError
+from rcllm.engine.job import RankJob
 from rcllm.engine.model_policy import default_policy
 from rcllm.engine.policy import parse_policy
 from rcllm.engine.prompt import PromptTemplate, item_text
@@ -31,15 +33,6 @@ from rcllm.serve.schema import CacheStats, RecommendRequest, RecommendResponse, 
 from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, users_dir
 from rcllm.store.layout import CATALOG_COPY, HISTORIES_COPY
 from rcllm.store.tiered import TieredBlockSource
-
-
-@dataclass
-class Job:
-    request: RecommendRequest
-    history: list[str]  # item texts, oldest first (the cache's history length at most)
-    texts: list[str]  # candidate item texts, in request order
-    rows: list[int | None]  # catalog row of each candidate; None for an inline (cold) item
-    policy: str
 
 
 @dataclass
@@ -125,8 +118,9 @@ class NodeRunner:
 
     # -- before the engine thread (any thread) ---------------------------------------------
 
-    def prepare(self, request: RecommendRequest) -> Job:
-        """Resolve ids to texts; raises RequestError for ids or users the cache does not know."""
+    def prepare(self, request: RecommendRequest) -> RankJob:
+        """The request's job, ids resolved to texts; raises RequestError for ids or users the
+        cache does not know."""
         catalog, histories = self.data.catalog, self.data.histories
         check_known(request, catalog.__contains__, histories.__contains__)
         history = request.history if request.history is not None else histories[request.user_id]
@@ -135,9 +129,12 @@ class NodeRunner:
         for c in request.candidates:
             texts.append(item_text(c.item if c.item is not None else catalog[c.id]))
             rows.append(None if c.item is not None else self.directory.row.get(c.id))
-        return Job(request, [item_text(catalog[i]) for i in recent], texts, rows, request.policy or self.policy)
+        return RankJob(
+            [item_text(catalog[i]) for i in recent], texts, request.policy or self.policy,
+            max_new_tokens=request.max_new_tokens, request=request, rows=rows,
+        )  # fmt: skip
 
-    def lacking(self, job: Job) -> list[int]:
+    def lacking(self, job: RankJob) -> list[int]:
         """Catalog rows of the job's candidates this node holds neither in memory nor on disk."""
         keys = self.directory.keys
         return [r for r in job.rows if r is not None and self.source.locate(keys[r]) is None]
@@ -189,63 +186,54 @@ class NodeRunner:
             placed[key] = block
         return placed
 
-    def run(self, job: Job, fetched: dict[str, BlockKV] | None = None, fetch_ms: float = 0.0) -> RecommendResponse:
-        """Rank the job. Blocks in ``fetched`` (key -> block, brought from peers) join the hot
-        tier; other blocks it lacks are recomputed here (timed: the cost model's compute rate).
-        ``ttft_ms`` counts the fetch time, the recomputes and the ranking forward."""
-        (result,) = self.run_many([(job, fetched, fetch_ms)])
-        if isinstance(result, Exception):
-            raise result
-        return result
+    def run(self, job: RankJob) -> RecommendResponse:
+        """Rank the job alone (:meth:`run_many`); returns its response or raises its RequestError."""
+        self.run_many([job])
+        if job.error is not None:
+            raise job.error
+        return job.response
 
-    def run_many(self, work: list[tuple[Job, dict[str, BlockKV] | None, float]]) -> list[RecommendResponse | Exception]:
-        """Rank several jobs ``(job, fetched, fetch_ms)`` with one batched forward (what the node's
-        engine thread does with the requests that queued while it was busy). Each job's blocks
-        are gathered first, in order; a job the engine refuses gets its RequestError as its
-        result (any other exception is a fault of ours: it propagates and fails the batch).
-        Every job's ``ttft_ms`` is its fetch time plus the whole batch's time on this thread: it
-        waited for all of it. The service time the coordinator plans with is the batch's time
-        per job."""
+    def run_many(self, jobs: list[RankJob]) -> None:
+        """Rank several jobs with one batched forward (what the node's engine thread does with
+        the requests that queued while it was busy): fills each job's ``response``, or its
+        ``error`` if the engine refuses it (any other exception is a fault of ours: it
+        propagates and fails the batch). Each job's blocks are gathered first, in order: the
+        blocks in ``job.fetched`` (brought from peers) join the hot tier; other blocks it lacks
+        are recomputed here (timed: the cost model's compute rate). Every job's ``ttft_ms`` is
+        its ``fetch_ms`` plus the whole batch's time on this thread: it waited for all of it.
+        The service time the coordinator plans with is the batch's time per job."""
         started = time.perf_counter()
-        gathered: list[tuple | Exception] = []
-        for job, fetched, _ in work:
+        todo = []
+        for job in jobs:
             try:
-                gathered.append(self._gather(job, fetched or {}))
+                self._gather(job)
+                todo.append(job)
             except RequestError as e:  # e.g. an inline item longer than the model takes
-                gathered.append(e)
-        rankings: list = list(gathered)  # the refused keep their error
-        todo = [i for i, g in enumerate(gathered) if not isinstance(g, Exception)]
+                job.error = e
         # one batch per reply length (a generated reply runs alone anyway)
-        for max_new in sorted({work[i][0].request.max_new_tokens for i in todo}):
-            group = [i for i in todo if work[i][0].request.max_new_tokens == max_new]
-            ranked = self.ranker.rank_many(
-                [(work[i][0].history, work[i][0].texts, work[i][0].policy, gathered[i][0]) for i in group], max_new
-            )
-            for i, r in zip(group, ranked):
-                rankings[i] = r
+        for max_new in sorted({job.max_new_tokens for job in todo}):
+            self.ranker.rank_many([job for job in todo if job.max_new_tokens == max_new])
         elapsed = (time.perf_counter() - started) * 1000.0
-        per_job = elapsed / len(work)
-        out: list[RecommendResponse | Exception] = []
-        for (job, _, fetch_ms), got, ranking in zip(work, gathered, rankings):
+        per_job = elapsed / len(jobs)
+        for job in jobs:
             self.service_ms = per_job if not self.requests else self.service_ms + EWMA * (per_job - self.service_ms)
             self.requests += 1
-            if isinstance(ranking, Exception):
-                out.append(ranking)
+            if job.error is not None:
                 continue
-            _, hits, misses = got
+            ranking = job.ranking
             self.user_lookups["hit" if ranking.user_hit else "miss"] += 1
             stats = CacheStats(
-                user_hit=ranking.user_hit, item_hits=hits, item_misses=misses,
+                user_hit=ranking.user_hit, item_hits=job.item_hits, item_misses=job.item_misses,
                 recomputed_tokens=ranking.recomputed_tokens, prompt_tokens=ranking.prompt_tokens,
             )
-            out.append(make_response(job.request, ranking.order, ranking.scores, fetch_ms + elapsed, self.node, stats,
-                                     ranking.text))  # fmt: skip
-        return out
+            job.response = make_response(job.request, ranking.order, ranking.scores, job.fetch_ms + elapsed, self.node,
+                                         stats, ranking.text)  # fmt: skip
 
-    def _gather(self, job: Job, fetched: dict[str, BlockKV]) -> tuple["HeldBlocks", int, int]:
-        """Every candidate block of the job at hand: found in a tier, taken from ``fetched`` or
-        recomputed; returns the job's view of the source and its item hits and misses."""
-        source, builder, keys = self.source, self.ranker.builder, self.directory.keys
+    def _gather(self, job: RankJob) -> None:
+        """Every candidate block of the job at hand: found in a tier, taken from ``job.fetched``
+        or recomputed; fills the job's ``blocks`` (its view of the source) and its item hits and
+        misses."""
+        source, builder, keys, fetched = self.source, self.ranker.builder, self.directory.keys, job.fetched
         # Where each candidate's block is, looked up before anything new enters the hot tier:
         # admitting may evict, and a block this request found in memory must not be lost.
         held: dict[str, BlockKV] = {}  # this request's blocks that only memory holds
@@ -279,7 +267,7 @@ class NodeRunner:
                     missed_rows.append(row)
         with self._lock:
             self._misses.update(missed_rows)
-        return HeldBlocks(source, held), hits, misses
+        job.blocks, job.item_hits, job.item_misses = HeldBlocks(source, held), hits, misses
 
 
 class HeldBlocks:
