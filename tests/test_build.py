@@ -34,7 +34,6 @@ from rcllm.build.pipeline import (
     add_node,
     append_items,
     build_cache,
-    cache_info,
     context_block,
     history_block_ids,
     item_block_ids,
@@ -49,7 +48,7 @@ from rcllm.engine.api import open_ranker
 from rcllm.engine.blocks import BlockKV, Segment, context_hash, uncached
 from rcllm.engine.forward import BlockEngine
 from rcllm.engine.prompt import PromptTemplate, item_text
-from rcllm.store import BlockStore, IncompatibleCacheError, Manifest, node_dir, placement_dir, users_dir
+from rcllm.store import BlockStore, IncompatibleCacheError, Manifest, cache_info, node_dir, placement_dir, users_dir
 from rcllm.store.placement import load_placement
 
 REPO = Path(__file__).resolve().parents[1]

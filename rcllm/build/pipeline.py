@@ -453,17 +453,3 @@ def add_node(cache: Path) -> dict:
         "bytes_moved": moved_bytes, "bytes_total": total, "fraction": moved_bytes / total if total else 0.0,
         "imbalance": grown.imbalance(),
     }
-
-
-def cache_info(cache: Path) -> dict:
-    out = Path(cache)
-    manifest = Manifest.load(out)
-    stores = []
-    for node in manifest.nodes:
-        with BlockStore.open_readonly(node_dir(out, node["node"])) as store:
-            stores.append({"name": f"node-{node['node']}", "address": f"{node['host']}:{node['port']}", **store.stats()})
-    if users_dir(out).is_dir():
-        with BlockStore.open_readonly(users_dir(out)) as store:
-            stores.append({"name": "users (replicated)", **store.stats()})
-    return {"manifest": manifest.to_dict(), "stores": stores}
-

@@ -87,7 +87,7 @@ def cache_info_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """What is in a cache: model, template, nodes, blocks and bytes per node."""
-    from rcllm.build.pipeline import cache_info
+    from rcllm.store import cache_info
 
     try:
         info = cache_info(cache)
