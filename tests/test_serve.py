@@ -644,9 +644,13 @@ def test_cluster_answers_like_the_in_process_engine_through_a_killed_and_restart
     print(f"\n{len(results)} requests in {seconds:.1f} s; answered per node {[answered_by.count(k) for k in range(3)]}; "
           f"node 1 answered {answered_by[150:].count(1)} of the 170 sent after its kill")
     assert {0, 1, 2} <= set(answered_by[:100])
-    # the requests node 1 dropped (or refused before it was marked down) went to another node
+    # Whether node 1 held a request at the instant of the kill (then the coordinator retried it
+    # elsewhere: counted as "node failed") or a poll marked it down first (no retry needed) is
+    # timing; either way no request was lost (asserted above). The retry itself is checked
+    # deterministically by test_a_request_a_node_drops_or_hangs_on_is_retried_on_the_next_node.
     metrics = parse_text(asyncio.run(raw(cluster.url, "GET", "/metrics"))[2].decode())
-    assert metrics.get('rcllm_retries_total{reason="node failed"}', 0) >= 1
+    retried = metrics.get('rcllm_retries_total{reason="node failed"}', 0)
+    print(f"requests retried after node 1's kill: {retried:g}")
 
     report = wait_until(cluster, lambda r: not r["nodes"][1]["up"], "node 1 reported down", timeout=10)
     assert report["up"] == 2
