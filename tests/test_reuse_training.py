@@ -296,3 +296,49 @@ def test_the_curriculum_shrinks_the_tails_step_by_step(tmp_path):
     assert TrainSettings(out=tmp_path / "x").tails_at(0) == 0.0
     with pytest.raises(ValueError, match="curriculum"):
         TrainSettings(out=tmp_path / "x", block_aware="off", curriculum=4).check()
+
+
+def test_a_tail_floor_trains_exactly_what_tail_k_serves(linked):
+    """``--tail-floor K``: the block-aware forward with the last K tokens of every item recomputed
+    equals the engine's ``tail:K`` policy over cached blocks (the history block, behind the system
+    prefix where it was computed, is exact and not recomputed by either)."""
+    from rcllm.train.masks import with_recomputed_tails
+
+    cases = [(HISTORY, CANDIDATES), (HISTORY[:2], CANDIDATES[::-1])]
+    prompts = _encode(linked, cases)
+    lm = linked.engine.lm
+    cache = MemoryBlockCache(linked.engine, linked.builder)
+    for k in (1, 3, 100):
+        with torch.no_grad():
+            logits = answer_logits(lm.model, collate(prompts, True, floor=k), lm.inv_freq, lm.head_dim)
+        for row, (history, candidates) in enumerate(cases):
+            expected = linked.engine.forward(linked.segments(history, candidates, cache)[0], f"tail:{k}").logits
+            assert (logits[row] - expected).abs().max() < 1e-4, k
+    with torch.no_grad():
+        none = answer_logits(lm.model, collate(prompts, True), lm.inv_freq, lm.head_dim)
+        floor = answer_logits(lm.model, collate(prompts, True, floor=3), lm.inv_freq, lm.head_dim)
+    assert (floor - none).abs().max() > 1e-4  # the tails read the history
+    layout = prompts[0].layout
+    items = [n for name, n in layout if name == "item"]
+    assert [n for name, n in with_recomputed_tails(layout, 0.0, 3) if name == "item_tail"] == [min(3, n) for n in items]
+    # the larger of the share and the floor wins
+    assert [n for name, n in with_recomputed_tails(layout, 1.0, 3) if name == "item_tail"] == items
+    with pytest.raises(ValueError, match="negative"):
+        with_recomputed_tails(layout, 0.0, -1)
+
+
+def test_a_tail_floor_needs_block_aware_steps_and_validates_its_policy(tmp_path, tiny_models):
+    with pytest.raises(ValueError, match="tail-floor"):
+        TrainSettings(out=tmp_path / "x", block_aware="off", tail_floor=2).check()
+    with pytest.raises(ValueError, match="tail-floor"):
+        TrainSettings(out=tmp_path / "x", block_aware="on", tail_floor=-1).check()
+    settings = TrainSettings(
+        out=tmp_path / "floor", model=str(tiny_models["llama"]), method="full", dataset="synthetic", steps=2, batch=2, history=3,
+        candidates=4, val_users=4, eval_every=2, block_aware="on", curriculum=1, tail_floor=2, lr=1e-3,
+    )
+    data = make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
+    report = train(settings, dataset=data).report
+    val = report["final"]["val"]
+    assert {"reuse_none", "reuse_tail:2"} <= set(val)
+    assert 0.0 <= val["reuse_tail:2"]["top1_agree"] <= 1.0
+    assert report["settings"]["tail_floor"] == 2

@@ -80,6 +80,10 @@ def finetune(
         "item (a plain prefill) to nothing (reuse without correction), linearly; later steps train reuse as served. "
         "0: no curriculum.",
     ),
+    tail_floor: int = typer.Option(
+        0, min=0, help="Block-aware steps always recompute at least the last K tokens of every item block: the "
+        "curriculum stops there and later steps train the `tail:K` policy as served. 0: down to nothing.",
+    ),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run whose checkpoint is in OUT.ckpt."),
@@ -99,7 +103,7 @@ def finetune(
         candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
         val_users=val_users, lora_rank=lora_rank, amp=amp, schedule=schedule, train_layers=train_layers, recent=recent,
         link_tokens=link_tokens, teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
-        temperature=temperature, match_weight=match_weight, curriculum=curriculum, data_dir=data_dir, resume=resume,
+        temperature=temperature, match_weight=match_weight, curriculum=curriculum, tail_floor=tail_floor, data_dir=data_dir, resume=resume,
     )
     k = headline_hit_rate(candidates)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
@@ -137,10 +141,14 @@ def finetune(
                     extra.clear()
                 if "val" in logs:
                     v = logs["val"]
+                    reuse = "".join(
+                        f", {m[k]:.3f} (cached blocks, policy {name.removeprefix('reuse_')}; "
+                        f"top-1 agreement {m['top1_agree']:.2f})"
+                        for name, m in v.items() if name.startswith("reuse_")
+                    )
                     progress.console.print(
                         f"step {step}: validation {k.upper()} {v['contextual'][k]:.3f} (contextual), "
-                        f"{v['none'][k]:.3f} (uncalibrated), {v['reuse_none'][k]:.3f} (cached blocks, policy none; "
-                        f"top-1 agreement {v['reuse_none']['top1_agree']:.2f})"
+                        f"{v['none'][k]:.3f} (uncalibrated){reuse}"
                     )
                 if "match_hr1" in logs:
                     m = logs["match_hr1"]
@@ -171,8 +179,9 @@ def _print_result(report: dict, out: Path) -> None:
     for column in ("ranker", "hr@1", "hr@10", "ndcg@10", "mrr"):
         table.add_column(column, justify="right" if column != "ranker" else "left")
     rows = [("model, contextual", final["contextual"]), ("model, uncalibrated", final["none"]),
-            ("model, cached blocks (none)", final["reuse_none"]), ("random (expected)", report["baselines"]["random"]),
-            ("popularity", report["baselines"]["popularity"])]  # fmt: skip
+            *((f"model, cached blocks ({name.removeprefix('reuse_')})", m) for name, m in final.items()
+              if name.startswith("reuse_")),
+            ("random (expected)", report["baselines"]["random"]), ("popularity", report["baselines"]["popularity"])]  # fmt: skip
     for name, m in rows:
         table.add_row(name, *(f"{m[c]:.3f}" for c in ("hr@1", "hr@10", "ndcg@10", "mrr")))
     console.print(table)

@@ -51,12 +51,17 @@ class Batch:
 
 
 def collate(
-    prompts: Sequence[EncodedPrompt], block_aware: bool, device: torch.device | str = "cpu", tails: float = 0.0
+    prompts: Sequence[EncodedPrompt],
+    block_aware: bool,
+    device: torch.device | str = "cpu",
+    tails: float = 0.0,
+    floor: int = 0,
 ) -> Batch:
     """Pad prompts into one batch with the masks and positions of a plain or block-aware forward.
 
     ``tails`` (block-aware only): the share of every item block's last tokens that are recomputed
-    (:func:`with_recomputed_tails`); 0 is reuse without correction."""
+    (:func:`with_recomputed_tails`); 0 is reuse without correction. ``floor``: at least this many
+    of every item block's last tokens are recomputed (what ``tail:K`` serves)."""
     if not prompts:
         raise ValueError("an empty batch")
     n_candidates = prompts[0].n_candidates
@@ -79,7 +84,7 @@ def collate(
         if not block_aware:
             mask[row, 0, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
             continue
-        layout = with_recomputed_tails(prompt.layout, tails) if tails else prompt.layout
+        layout = with_recomputed_tails(prompt.layout, tails, floor) if tails or floor else prompt.layout
         allowed = block_attention_mask(layout)
         in_block = block_token_flags(layout)
         fresh[row, layout[0][1] : n] = ~in_block[layout[0][1] :]

@@ -246,6 +246,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     state["template"] = template.to_dict()
     base = baselines(stream.validation, stream.popularity)
     val_prompts = [encoder.encode(e) for e in stream.validation]
+    served = ("none", f"tail:{settings.tail_floor}") if settings.tail_floor else ("none",)
     probe_prompts = val_prompts[: settings.batch]
 
     def evaluate(logs: dict) -> None:
@@ -256,7 +257,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             "step": state["step"],
             "train_loss": sum(recent) / len(recent) if recent else None,
             "train_loss_by_attention": losses_by_attention(state["losses"], settings.block_aware, since),
-            "val": validate(lm, builder, encoder, stream.validation),
+            "val": validate(lm, builder, encoder, stream.validation, served),
             "label_attention": probe_label_attention(model, probe_prompts, lm.inv_freq, lm.head_dim),
         }
         if settings.match_weight:
@@ -287,7 +288,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             prompts = [encoder.encode(e) for e in stream.batch(step, settings.batch)]
             aware = settings.block_aware_at(step)
             tails = settings.tails_at(step) if aware else 0.0
-            batch = collate(prompts, aware, lm.device, tails)
+            batch = collate(prompts, aware, lm.device, tails, settings.tail_floor if aware else 0)
             distil = teacher is not None and aware
             hidden: list | None = [] if distil and settings.hidden_weight else None
             states: list | None = [] if settings.match_weight else None

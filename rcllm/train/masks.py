@@ -25,20 +25,24 @@ def block_aware_step(mode: str, step: int) -> bool:
     return mode == "on" or (mode == "mix" and step % 2 == 0)
 
 
-def with_recomputed_tails(layout: Layout, share: float) -> list[tuple[str, int]]:
-    """``layout`` with the last ``ceil(share * n)`` tokens of every item block of ``n`` tokens
-    recomputed: split off as an ``item_tail`` segment, which is not a block kind and so sees the
+def with_recomputed_tails(layout: Layout, share: float, floor: int = 0) -> list[tuple[str, int]]:
+    """``layout`` with the last ``max(floor, ceil(share * n))`` tokens (at most ``n``) of every
+    item block of ``n`` tokens recomputed: split off as an ``item_tail`` segment, which is not a block kind and so sees the
     whole prompt before it at its real position, as the engine's recomputed tokens do.
 
     ``share`` 1 is a plain causal prefill of the items (the history follows the system prefix,
     where its cached KV is exact anyway); 0 is reuse without correction. Training along that path
     (``rcllm finetune --curriculum``) moves the comparison of each item with the history from
-    all of the item's tokens towards the fresh tokens after it, a few tokens at a time."""
+    all of the item's tokens towards the fresh tokens after it, a few tokens at a time. ``floor``
+    K keeps the last K tokens recomputed whatever the share: the pattern the engine's ``tail:K``
+    policy serves."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"a recomputed share of {share} is not within [0, 1]")
+    if floor < 0:
+        raise ValueError(f"a tail floor of {floor} tokens is negative")
     out: list[tuple[str, int]] = []
     for name, n in layout:
-        k = min(n, math.ceil(round(share * n, 9))) if name == "item" else 0
+        k = min(n, max(floor, math.ceil(round(share * n, 9)))) if name == "item" else 0
         if n - k:
             out.append((name, n - k))
         if k:

@@ -22,7 +22,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
 RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
                "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers", "recent", "link_tokens",
-               "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum")  # fmt: skip
+               "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum", "tail_floor")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
 LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
 DISTILL_LOSS = (
@@ -62,6 +62,7 @@ class TrainSettings:
     temperature: float = 2.0
     match_weight: float = 0.0  # weight of the match loss at the label tokens (every step)
     curriculum: int = 0  # steps over which the recomputed tail of each item (block-aware steps) falls from all to none
+    tail_floor: int = 0  # block-aware steps always recompute at least the last K tokens of every item (served: tail:K)
     data_dir: Path | None = None
     resume: bool = False
 
@@ -100,6 +101,10 @@ class TrainSettings:
             raise ValueError("--curriculum must be >= 0 steps (0: no curriculum)")
         if self.curriculum and self.block_aware == "off":
             raise ValueError("--curriculum shapes block-aware steps: pass --block-aware on or mix with it")
+        if self.tail_floor < 0:
+            raise ValueError("--tail-floor must be >= 0 tokens (0: the tails shrink to nothing)")
+        if self.tail_floor and self.block_aware == "off":
+            raise ValueError("--tail-floor shapes block-aware steps: pass --block-aware on or mix with it")
         if self.steps < 0 or self.history < 0:
             raise ValueError("steps and history must be >= 0")
         if not self.lr or self.lr <= 0:

@@ -17,8 +17,16 @@ from rcllm.engine.ranker import CALIBRATIONS, MemoryBlockCache, Ranker
 from rcllm.train.examples import Example, PromptEncoder
 
 
-def validate(lm: LoadedModel, builder: PromptBuilder, encoder: PromptEncoder, requests: Sequence[Example]) -> dict:
-    """``{"none": metrics, "contextual": metrics, "reuse_none": metrics + top1_agree}``.
+def validate(
+    lm: LoadedModel,
+    builder: PromptBuilder,
+    encoder: PromptEncoder,
+    requests: Sequence[Example],
+    policies: Sequence[str] = ("none",),
+) -> dict:
+    """``{"none": metrics, "contextual": metrics, "reuse_<policy>": metrics + top1_agree}`` for each
+    correction policy in ``policies`` (``none``: the reuse block-aware training aims at; a
+    ``--tail-floor K`` run also reads ``tail:K``, the policy it trains for).
 
     Rankers are built afresh: the contextual prior belongs to the current weights.
     """
@@ -28,8 +36,9 @@ def validate(lm: LoadedModel, builder: PromptBuilder, encoder: PromptEncoder, re
         engine = BlockEngine(lm)
         rankers = {c: Ranker(engine, builder, calibration=c) for c in CALIBRATIONS}
         cache = MemoryBlockCache(engine, builder)
-        ranks: dict[str, list[int]] = {c: [] for c in (*CALIBRATIONS, "reuse_none")}
-        agree = 0
+        reused = [f"reuse_{p}" for p in policies]
+        ranks: dict[str, list[int]] = {c: [] for c in (*CALIBRATIONS, *reused)}
+        agree = dict.fromkeys(reused, 0)
         for request in requests:
             history, candidates = encoder.texts_of(request)
             n = len(candidates)
@@ -38,14 +47,16 @@ def validate(lm: LoadedModel, builder: PromptBuilder, encoder: PromptEncoder, re
             orders = {c: r.make_ranking(full, n, "full", 0.0).order for c, r in rankers.items()}
             ranker = rankers["contextual"]
             cached, _ = ranker.segments(history, candidates, cache)
-            orders["reuse_none"] = ranker.make_ranking(engine.forward(cached, "none"), n, "none", 0.0).order
+            for policy, name in zip(policies, reused, strict=True):
+                orders[name] = ranker.make_ranking(engine.forward(cached, policy), n, policy, 0.0).order
+                agree[name] += orders[name][0] == orders["contextual"][0]
             for name, order in orders.items():
                 ranks[name].append(rank_of(order, request.positive))
-            agree += orders["reuse_none"][0] == orders["contextual"][0]
     finally:
         lm.model.train(was_training)
     result = {name: summarize(r) for name, r in ranks.items()}
-    result["reuse_none"]["top1_agree"] = agree / len(requests)
+    for name, count in agree.items():
+        result[name]["top1_agree"] = count / len(requests)
     return result
 
 
