@@ -1057,3 +1057,30 @@ def test_sigterm_lets_a_node_process_finish_its_in_flight_requests(cluster, stre
     assert cluster.procs["node2"].wait(timeout=60) == 0
     log = cluster.log_tail("node2", 5)
     assert '"event": "shutting down: draining in-flight requests"' in log and '"event": "stopped"' in log
+
+
+def test_a_node_with_the_static_pass_on_answers_as_the_engine_does_and_deviation_runs_eagerly(cache, stream):
+    """``--cuda-graphs on`` (on CPU: the same static pass, eager): requests that run alone go
+    through it and get the in-process engine's answers; a deviation request, which the static pass
+    cannot run, falls back to the engine's own forward; a bad flag is refused."""
+    with pytest.raises(ValueError, match="cuda-graphs"):
+        NodeRunner.open(cache, 1, hot_bytes=1 << 20, cuda_graphs="sometimes")
+    off = NodeRunner.open(cache, 1, hot_bytes=1 << 20, cuda_graphs="off")
+    assert off.ranker.static is None
+    off.close()
+    runner = NodeRunner.open(cache, 1, hot_bytes=1 << 20, cuda_graphs="on", graph_tokens=4096)
+    static = runner.ranker.static
+    assert static is not None
+    calls = []
+    forward = static.forward
+    static.forward = lambda segments, policy: calls.append(str(policy)) or forward(segments, policy)
+    try:
+        picked = [(req, want) for req, want in stream if req.max_new_tokens == 0][:5]
+        for k, (req, want) in enumerate(picked):
+            assert_same_ranking(runner.run(runner.prepare(req)), want, f"static pass, request {k}")
+        assert len(calls) == len(picked)
+        deviation = dataclasses.replace(runner.prepare(picked[0][0]), policy="deviation:0.5")
+        runner.run(deviation)
+        assert len(calls) == len(picked)  # ran eagerly
+    finally:
+        runner.close()

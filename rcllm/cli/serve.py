@@ -30,6 +30,11 @@ def serve(
     port: Optional[int] = typer.Option(None, help="Port (default: the manifest's port for this node; 0: any free port)."),
     model: Optional[str] = typer.Option(None, help="Model folder or name (default: the one the cache was built with)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    cuda_graphs: str = typer.Option(
+        "auto", help="auto | on | off: a request that runs alone replays its recompute pass as a CUDA graph (one per "
+        "size bucket, captured on first use); auto: on with --device cuda. On CPU `on` runs the same static pass eagerly.",
+    ),
+    graph_tokens: int = typer.Option(2048, min=1, help="Longest prompt the CUDA-graph buffers hold; longer ones run eagerly."),
     policy: Optional[str] = typer.Option(
         None, help="Policy for requests that name none: none | boundary:K | tail:K | deviation:R | full. Default: the model's "
         f"gated policy (rcllm-policy.json in its folder, written by rcllm check --sweep), else {FALLBACK_POLICY}.",
@@ -64,7 +69,10 @@ def serve(
         if policy is not None:
             parse_policy(policy)
         manifest = Manifest.load(cache)
-        runner = NodeRunner.open(cache, node, hot_bytes=int(hot_mb * 2**20), policy=policy, model=model, device=device)
+        runner = NodeRunner.open(
+            cache, node, hot_bytes=int(hot_mb * 2**20), policy=policy, model=model, device=device,
+            cuda_graphs=cuda_graphs, graph_tokens=graph_tokens,
+        )
     except (FileNotFoundError, IncompatibleCacheError, ValueError) as e:
         _fail(str(e))
     if peers:

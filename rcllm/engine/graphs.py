@@ -47,6 +47,11 @@ class StaticRecompute:
         self._graphs: dict[int, tuple] = {}  # rows -> (graph or None, ids, idx, last, logits)
         self._pool = None
 
+    def accepts(self, segments: Sequence[Segment], policy: str | Policy) -> bool:
+        """Whether this pass can run the prompt: a policy whose recomputed set is the same in every
+        layer, and a prompt that fits the buffers. Others go to :meth:`BlockEngine.forward`."""
+        return parse_policy(policy).kind != "deviation" and sum(s.n_tokens for s in segments) <= self.max_length
+
     @torch.inference_mode()
     def forward(self, segments: Sequence[Segment], policy: str | Policy = "full") -> ForwardResult:
         started = time.perf_counter()

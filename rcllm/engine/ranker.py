@@ -20,6 +20,7 @@ import torch
 from rcllm.engine.blocks import BlockKV, Segment
 from rcllm.engine.errors import RequestError
 from rcllm.engine.forward import BlockEngine, ForwardResult
+from rcllm.engine.graphs import StaticRecompute
 from rcllm.engine.job import RankJob
 from rcllm.engine.policy import Policy, parse_policy
 from rcllm.engine.prompt import PromptBuilder
@@ -114,6 +115,9 @@ class Ranker:
         self.engine = engine
         self.builder = builder
         self.calibration = calibration
+        # a StaticRecompute (CUDA graphs; ``rcllm serve --cuda-graphs``) for prompts that run alone,
+        # where kernel launches rather than arithmetic set the TTFT; batches amortise them already
+        self.static: StaticRecompute | None = None
         self._priors: dict[int, torch.Tensor] = {}
 
     # -- prompt -------------------------------------------------------------------------------
@@ -232,6 +236,11 @@ class Ranker:
         only the refused prompts fail."""
         if not batch:
             return []
+        if len(batch) == 1 and self.static is not None and self.static.accepts(*batch[0]):
+            try:
+                return [self.static.forward(*batch[0])]
+            except RequestError as e:
+                return [e]
         try:
             return self.engine.forward_batch(batch)
         except RequestError as e:
@@ -253,7 +262,10 @@ class Ranker:
         segs, stats = self.segments(history, candidates, source)
         assembled_ms = (time.perf_counter() - start) * 1000.0
         eos = self.builder.tokenizer.eos_token_id
-        result = self.engine.forward(segs, policy, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        if not max_new_tokens and self.static is not None and self.static.accepts(segs, policy):
+            result = self.static.forward(segs, policy)
+        else:
+            result = self.engine.forward(segs, policy, max_new_tokens=max_new_tokens, eos_token_id=eos)
         return self.make_ranking(result, n, str(policy), assembled_ms + result.prefill_ms, **stats)
 
     def make_ranking(self, result: ForwardResult, n: int, policy: str, ttft_ms: float, **stats) -> Ranking:

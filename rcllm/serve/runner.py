@@ -22,6 +22,7 @@ from rcllm.data.sampling import DEFAULT_HISTORY
 from rcllm.engine.api import DTYPES, open_ranker
 from rcllm.engine.blocks import BlockKV
 from rcllm.engine.errors import RequestError
+from rcllm.engine.graphs import StaticRecompute
 from rcllm.engine.job import RankJob
 from rcllm.engine.model_policy import default_policy
 from rcllm.engine.policy import parse_policy
@@ -33,6 +34,8 @@ from rcllm.serve.schema import CacheStats, RecommendRequest, RecommendResponse, 
 from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, users_dir
 from rcllm.store.layout import CATALOG_COPY, HISTORIES_COPY
 from rcllm.store.tiered import TieredBlockSource
+
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass
@@ -101,12 +104,19 @@ class NodeRunner:
     @classmethod
     def open(
         cls, cache_dir: Path, node: int, hot_bytes: int, policy: str | None = None, model: str | None = None,
-        device: str = "cpu",
+        device: str = "cpu", cuda_graphs: str = "auto", graph_tokens: int = 2048,
     ) -> "NodeRunner":
+        """``cuda_graphs``: ``auto`` (on with CUDA), ``on`` or ``off``: whether a request that runs
+        alone goes through :class:`~rcllm.engine.graphs.StaticRecompute` (prompts of up to
+        ``graph_tokens`` tokens; on CPU the same static pass runs eagerly)."""
         data = NodeData.load(cache_dir)
         if not 0 <= node < len(data.manifest.nodes):
             raise ValueError(f"--node {node}: the cache at {cache_dir} has nodes 0..{len(data.manifest.nodes) - 1}")
+        if cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"--cuda-graphs {cuda_graphs!r}: expected one of {', '.join(CUDA_GRAPHS)}")
         ranker = open_cache_ranker(data.manifest, model, device)
+        if cuda_graphs == "on" or (cuda_graphs == "auto" and ranker.engine.device.type == "cuda"):
+            ranker.static = StaticRecompute(ranker.engine, max_length=graph_tokens)
         stores = [BlockStore.open_readonly(node_dir(cache_dir, node))]
         if (users_dir(cache_dir) / "index.lmdb").is_dir():
             stores.append(BlockStore.open_readonly(users_dir(cache_dir)))
