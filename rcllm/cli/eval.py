@@ -35,7 +35,11 @@ def eval_command(
         f"with the model's gated policy (its rcllm-policy.json, else {FALLBACK_POLICY}), rcllm:deviation:0.15, rcllm:none.",
     ),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
-    cache: Optional[Path] = typer.Option(None, help="Block cache to use (default: built or reused under the user cache)."),
+    cache: Optional[Path] = typer.Option(
+        None, help="A cache built by `rcllm build-cache` to read blocks from (never written), or a folder for eval's "
+        "own blocks. Eval computes only the blocks its requests read that no cache holds, into that folder or "
+        "(default) one under the user cache, after saying how many, how much disk and time they take.",
+    ),
     hot_tier_mb: int = typer.Option(256, help="rcllm's in-memory block tier in MiB; the prefix cache gets the same."),
     calibration: str = typer.Option("contextual", help="Label-bias correction: contextual | none."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
@@ -79,7 +83,11 @@ def eval_command(
                 console.print(f"[dim]policy {chosen.policy}: {chosen.reason}[/]")
             requests = sample_eval_requests(data, settings)
             with Progress(console=err, transient=True) as progress:
-                source = prepare_block_source(ranker, data, settings, cache, progress=progress, requests=requests)
+                blocks = progress.add_task("blocks", total=None)
+                source = prepare_block_source(
+                    ranker, data, settings, cache, requests=requests, note=lambda message: err.print(message, markup=False),
+                    progress=lambda done, total: progress.update(blocks, completed=done, total=total),
+                )
                 task = progress.add_task("ranking", total=None)
                 result = run_eval(
                     ranker, data, systems, settings, source, model_name=model, device=device, requests=requests,

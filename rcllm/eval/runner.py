@@ -14,6 +14,15 @@ from rcllm.engine.policy import parse_policy
 from rcllm.engine.prefix_cache import PrefixSystem
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import BlockSource, Ranker, Ranking
+from rcllm.eval.blocks import (
+    check_disk,
+    compute_plan,
+    default_store_dir,
+    is_built_cache,
+    needed_blocks,
+    open_built_cache,
+    plan_blocks,
+)
 from rcllm.eval.systems import FullSystem, RcllmSystem, parse_systems
 
 
@@ -199,50 +208,48 @@ def prepare_block_source(
     ranker: Ranker,
     dataset: Dataset,
     settings: EvalSettings,
-    cache_dir: Path | None = None,
-    progress=None,
+    cache: Path | None = None,
+    *,
     requests: list[RankingRequest] | None = None,
+    store_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> Callable[[], BlockSource]:
-    """Build (or reuse and complete) the block cache for this dataset and the requests' users,
-    before anything is timed; returns a factory of block sources over it, each with its own
-    hot tier and all sharing the disk stores (a store is opened once per process)."""
-    from rcllm.build.pipeline import BuildOptions, Reporter, build_cache
-    from rcllm.data.catalog import write_catalog
-    from rcllm.data.formats import write_histories
-    from rcllm.engine.models import user_cache_dir
-    from rcllm.store import BlockStore, node_dir, users_dir
+    """Make sure every block the requests read is on disk before anything is timed, computing
+    only those no store holds (:mod:`rcllm.eval.blocks` says why no more, and why no placement);
+    returns a factory of block sources over them, each with its own hot tier and all sharing the
+    disk stores (a store is opened once per process).
+
+    ``cache``: a cache built by ``rcllm build-cache`` (it holds a manifest), read first and never
+    written; or else the folder of eval's own store. ``store_dir``: eval's own store beside a
+    built cache (default: under the user cache). ``note`` hears the plan (blocks, tokens, disk)
+    before any block is computed, and the estimated time after the first batch; ``progress``
+    (done, total) each batch. Raises :class:`~rcllm.eval.blocks.NotEnoughDiskError` (a ValueError) before computing
+    anything when the blocks do not fit on their disk.
+    """
+    from rcllm.store import BlockStore
     from rcllm.store.tiered import TieredBlockSource
 
     if requests is None:
         requests = sample_eval_requests(dataset, settings)
-    lm = ranker.engine.lm
-    if cache_dir is None:
-        tag = f"{dataset.name}-{lm.fingerprint[:12]}-{str(lm.dtype).removeprefix('torch.')}"
-        cache_dir = user_cache_dir() / "eval-caches" / tag
-    cache_dir = Path(cache_dir)
-    inputs = cache_dir / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    sequences = dataset.user_sequences()
-    # The build's history block of a user is its last `history` items: give it everything before
-    # the held-out positive, and it precomputes exactly the eval requests' history blocks.
-    histories = {}
-    for r in requests:
-        seq = sequences[r.user_id]
-        histories[r.user_id] = seq[: seq.index(r.positive)] if r.positive in seq else seq[:-1]
-    write_catalog(list(dataset.items.values()), inputs / "catalog.jsonl")
-    write_histories(histories, inputs / "histories.jsonl")
-
-    class _Reporter(Reporter):
-        def phase(self, name, total):
-            if progress is None:
-                return super().phase(name, total)
-            task = progress.add_task(f"cache: {name}", total=total)
-            return lambda n=1: progress.advance(task, n)
-
-    options = BuildOptions(out=cache_dir, nodes=1, model=lm.name, users=inputs / "histories.jsonl",
-                           history=settings.history, device=str(lm.device))
-    build_cache(inputs / "catalog.jsonl", options, _Reporter(), ranker=ranker)
-    stores = [BlockStore.open_readonly(node_dir(cache_dir, 0)), BlockStore.open_readonly(users_dir(cache_dir))]
-    context = ranker.engine.compute_block(ranker.builder.system_ids(), ())
+    built: list[BlockStore] = []
+    if cache is not None and is_built_cache(cache):
+        built = open_built_cache(Path(cache), ranker)
+    elif cache is not None and store_dir is None:
+        store_dir = Path(cache)
+    store_dir = Path(store_dir) if store_dir is not None else default_store_dir(ranker)
+    stores = list(built)
+    try:
+        plan = plan_blocks(ranker, needed_blocks(ranker, dataset, requests), built, store_dir)
+        check_disk(plan)
+        if note:
+            note(plan.describe())
+        context = ranker.engine.compute_block(ranker.builder.system_ids(), ())
+        compute_plan(ranker, plan, context, progress, note)
+        if plan.needed > plan.in_cache:  # eval's own store holds the rest
+            stores.append(BlockStore.open_readonly(store_dir))
+    except BaseException:
+        for store in built:
+            store.close()
+        raise
     return lambda: TieredBlockSource(ranker, stores, settings.hot_tier_bytes, context=context)
-
