@@ -197,21 +197,22 @@ def compute_plan(
     note: Callable[[str], None] | None = None,
 ) -> None:
     """Compute the plan's blocks into eval's own store, in batches; durable shard by shard, so an
-    interrupted eval resumes where it stopped. After the first batch, ``note`` gets the time the
-    rest will take at that batch's rate (short blocks first: an overestimate)."""
+    interrupted eval resumes where it stopped. After the second batch (the first warms the
+    kernels up), ``note`` hears how long all of them take at its rate: an estimate, on the high
+    side, since blocks go shortest first and short blocks run the fewest tokens per second."""
     if not plan.todo:
         return
     total, done = len(plan.todo), 0
-    started = time.perf_counter()
     with BlockStore(plan.store, create=True, max_shard_bytes=SHARD_BYTES) as store:
-        for first in range(0, total, BATCH_SIZE):
+        for n, first in enumerate(range(0, total, BATCH_SIZE)):
             chunk = plan.todo[first : first + BATCH_SIZE]
+            started = time.perf_counter()
             for (key, _), block in zip(chunk, ranker.engine.compute_blocks([ids for _, ids in chunk], context, BATCH_SIZE)):
                 store.put(key, block)
             done += len(chunk)
-            if first == 0 and note and done < total:
+            if n == 1 and note and done < total:
                 rate = sum(int(ids.numel()) for _, ids in chunk) / max(time.perf_counter() - started, 1e-9)
-                note(f"estimated {(plan.tokens / rate):.0f} s to compute them (an estimate: the first "
-                     f"{len(chunk)} blocks ran at {rate:,.0f} tokens/s)")
+                note(f"estimated time: {plan.tokens / rate:.0f} s for {plan.tokens:,} tokens (an estimate from the "
+                     f"second batch of {len(chunk)} blocks, {rate:,.0f} tokens/s)")
             if progress:
                 progress(done, total)
