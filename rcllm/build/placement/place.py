@@ -32,7 +32,9 @@ def place_items(
 ) -> Placement:
     """Cluster the items (``n_clusters`` default :func:`default_n_clusters`) and assign the
     clusters to ``n_nodes`` nodes; ``histories`` (item indices per user) add co-occurrence."""
-    x = normalized(embeddings)
+    x = np.asarray(embeddings)  # kmeans normalises its own copy: one copy of a large catalog, not two
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array [n, dim], got shape {x.shape}")
     tokens = _as_tokens(item_tokens, len(x))
     if n_nodes < 1:
         raise ValueError(f"n_nodes must be at least 1, got {n_nodes}")
