@@ -80,6 +80,7 @@ def test_eval_computes_only_the_blocks_its_requests_read_and_ranks_as_on_a_full_
     assert len(own) == len(items) + len(histories)  # one block per item read, one per history
     assert f"the requests read {len(own)} blocks; computing {len(own)}:" in notes[0]
     assert notes[1].startswith("estimated time: ") and "(an estimate from the second batch" in notes[1]
+    assert notes[2].startswith(f"computed {len(own)} blocks (")
     lean = run_eval(ranker, data, SYSTEMS, settings, only_needed, "tiny", requests=requests)
     close(only_needed)
 

@@ -199,10 +199,12 @@ def compute_plan(
     """Compute the plan's blocks into eval's own store, in batches; durable shard by shard, so an
     interrupted eval resumes where it stopped. After the second batch (the first warms the
     kernels up), ``note`` hears how long all of them take at its rate: an estimate, on the high
-    side, since blocks go shortest first and short blocks run the fewest tokens per second."""
+    side, since blocks go shortest first and short blocks run the fewest tokens per second; at
+    the end, how long they took."""
     if not plan.todo:
         return
     total, done = len(plan.todo), 0
+    began = time.perf_counter()
     with BlockStore(plan.store, create=True, max_shard_bytes=SHARD_BYTES) as store:
         for n, first in enumerate(range(0, total, BATCH_SIZE)):
             chunk = plan.todo[first : first + BATCH_SIZE]
@@ -216,3 +218,5 @@ def compute_plan(
                      f"second batch of {len(chunk)} blocks, {rate:,.0f} tokens/s)")
             if progress:
                 progress(done, total)
+    if note:
+        note(f"computed {total:,} blocks ({plan.tokens:,} tokens) in {time.perf_counter() - began:.0f} s")
