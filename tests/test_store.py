@@ -39,7 +39,7 @@ from rcllm.store import (
     placement_dir,
     users_dir,
 )
-from rcllm.store import shards
+from rcllm.store import codec, shards
 
 FINGERPRINT = "ab" * 32
 TOKEN_BYTES = 2 * 2 * 8 * 4 * 2 + 8  # make_block's defaults: K and V in float32, and an int64 id
@@ -105,7 +105,7 @@ def build_store(root: str, n: int = N_BUILD) -> int:
 HELD_WRITER = """
 import sys
 sys.path.insert(0, {tests!r})
-from rcllm.store import shards
+from rcllm.store import codec, shards
 from test_store import build_store
 fsync_file, shards_written = shards.fsync_file, []
 
@@ -353,7 +353,7 @@ def test_block_moved_by_compaction_after_its_entry_was_read_is_still_found(tmp_p
         store.delete_many(["k0", "k1"])
         store.compact()
         assert store.entry("k2")["shard"] != stale["shard"] and not (tmp_path / stale["shard"]).exists()
-        assert_same_block(shards._block(store._read("k2", stale), stale, "cpu"), make_block(2, n=11))
+        assert_same_block(codec.to_block(store._read("k2", stale), stale, "cpu"), make_block(2, n=11))
 
 
 def test_bytes_per_token_is_the_kv_size_plus_a_small_overhead(tmp_path):

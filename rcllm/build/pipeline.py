@@ -22,13 +22,14 @@ from rcllm.build.embed import get_embedder
 from rcllm.data.catalog import load_catalog, write_catalog
 from rcllm.data.formats import load_histories, load_interactions, write_histories
 from rcllm.data.sampling import DEFAULT_HISTORY
-from rcllm.engine.api import open_ranker
+from rcllm.engine.api import open_ranker, parse_dtype
 from rcllm.engine.blocks import BlockKV, context_hash
 from rcllm.engine.prompt import item_text
 from rcllm.engine.models import DEFAULT_MODEL
 from rcllm.engine.ranker import Ranker, block_key
 from rcllm.files import file_sha256, write_file
 from rcllm.store import BlockStore, Manifest, check_compatible, default_nodes, model_record, node_dir, placement_dir, users_dir
+from rcllm.store.codec import check_kv_dtype, kv_dtype_of
 from rcllm.store.layout import CATALOG_COPY, EMBEDDINGS, HISTORIES_COPY, ITEM_IDS, ITEM_KEYS
 from rcllm.store.placement import Placement, load_placement, save_placement
 
@@ -52,6 +53,7 @@ class BuildOptions:
     interactions: Path | None = None
     device: str = "cpu"
     dtype: str = "fp32"
+    kv_dtype: str | None = None  # how blocks are stored: fp32 | bf16 | fp16 | int8; None: as computed (dtype)
     embedder: str = "minilm"
     max_item_tokens: int = 256
     history: int = DEFAULT_HISTORY
@@ -97,9 +99,10 @@ def key_for(ranker: Ranker, token_ids) -> str:
     return block_key(ranker.engine.fingerprint, ranker.builder.system_ids(), token_ids)
 
 
-def expected_bytes_per_token(ranker: Ranker) -> int:
+def expected_bytes_per_token(ranker: Ranker, kv_dtype: str | None = None) -> int:
+    """K and V of one token as stored in ``kv_dtype`` (None: the compute dtype); int8's scales not counted."""
     e = ranker.engine
-    element = torch_element_size(e.dtype)
+    element = 1 if kv_dtype == "int8" else torch_element_size(e.dtype if kv_dtype is None else parse_dtype(kv_dtype))
     return e.n_layers * 2 * e.n_kv_heads * e.head_dim * element
 
 
@@ -188,10 +191,11 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
         raise ValueError("--nodes must be at least 1")
     ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype)
     lm = ranker.engine.lm
+    kv_dtype = check_kv_dtype(options.kv_dtype) if options.kv_dtype else kv_dtype_of(lm.dtype)
     previous = None
     if (out / "manifest.json").is_file():
         previous = Manifest.load(out)
-        check_compatible(previous, lm, ranker.builder.template.to_dict())
+        check_compatible(previous, lm, ranker.builder.template.to_dict(), kv_dtype)
         if len(previous.nodes) != options.nodes:
             raise ValueError(
                 f"the cache at {out} has {len(previous.nodes)} nodes; to grow it use "
@@ -249,7 +253,7 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
     advance = reporter.phase("item KV blocks", len(items))
     for k in range(options.nodes):
         wanted = {key_for(ranker, token_ids[n]): token_ids[n] for n in np.flatnonzero(item_node == k)}
-        with BlockStore(node_dir(out, k), create=True, max_shard_bytes=options.max_shard_mb << 20) as store:
+        with BlockStore(node_dir(out, k), create=True, max_shard_bytes=options.max_shard_mb << 20, kv_dtype=kv_dtype) as store:
             c, r = _fill_store(ranker, store, wanted, context, options.batch_size, advance)
         computed, reused = computed + c, reused + r
     seconds["item_kv"] = time.perf_counter() - t
@@ -259,7 +263,7 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
     for history in users.values():
         ids = history_block_ids(ranker, by_id, history, options.history)
         wanted[key_for(ranker, ids)] = ids
-    with BlockStore(users_dir(out), create=True, max_shard_bytes=options.max_shard_mb << 20) as store:
+    with BlockStore(users_dir(out), create=True, max_shard_bytes=options.max_shard_mb << 20, kv_dtype=kv_dtype) as store:
         c, r = _fill_store(ranker, store, wanted, context, options.batch_size, advance)
     write_histories(users, users_dir(out) / HISTORIES_COPY)
     computed, reused = computed + c, reused + r
@@ -277,11 +281,12 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
         out=out, items=len(items), users=len(users), nodes=nodes, seconds=seconds, quality=quality,
         computed_blocks=computed, reused_blocks=reused,
         bytes_per_token=total_bytes / total_tokens if total_tokens else 0.0,
-        expected_bytes_per_token=expected_bytes_per_token(ranker), imbalance=placement.imbalance(),
+        expected_bytes_per_token=expected_bytes_per_token(ranker, kv_dtype), imbalance=placement.imbalance(),
     )
     seconds["total"] = time.perf_counter() - t0
     manifest = previous or Manifest()
     manifest.model = model_record(lm)
+    manifest.kv_dtype = kv_dtype
     manifest.template = ranker.builder.template.to_dict()
     manifest.block_context = {"token_ids": ranker.builder.system_ids().tolist(), "key": context_hash(ranker.builder.system_ids())}
     manifest.nodes = previous.nodes if previous else default_nodes(options.nodes)
@@ -342,7 +347,8 @@ def append_items(catalog: Path, options: BuildOptions, reporter: Reporter | None
     t0 = time.perf_counter()
     manifest = Manifest.load(out)
     ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype)
-    check_compatible(manifest, ranker.engine.lm, ranker.builder.template.to_dict())
+    kv_dtype = check_kv_dtype(options.kv_dtype) if options.kv_dtype else kv_dtype_of(ranker.engine.lm.dtype)
+    check_compatible(manifest, ranker.engine.lm, ranker.builder.template.to_dict(), kv_dtype)
     pdir = placement_dir(out)
     placement, item_ids, keys = _committed_placement(pdir)
     existing = {item["id"]: item for item in load_catalog(out / CATALOG_COPY)}
@@ -369,7 +375,7 @@ def append_items(catalog: Path, options: BuildOptions, reporter: Reporter | None
         for k in sorted(set(nodes.tolist())):
             rows = np.flatnonzero(nodes == k)
             wanted = {new_keys[r]: token_ids[r] for r in rows}
-            with BlockStore(node_dir(out, k), create=True, max_shard_bytes=options.max_shard_mb << 20) as store:
+            with BlockStore(node_dir(out, k), create=True, max_shard_bytes=options.max_shard_mb << 20, kv_dtype=kv_dtype) as store:
                 todo = [(key, ids) for key, ids in wanted.items() if key not in store]
                 for first in range(0, len(todo), options.batch_size):
                     chunk = todo[first : first + options.batch_size]
@@ -394,7 +400,7 @@ def append_items(catalog: Path, options: BuildOptions, reporter: Reporter | None
         out=out, items=len(merged), users=manifest.users.get("count", 0), nodes=nodes_summary,
         seconds={"append": time.perf_counter() - t0}, quality={}, computed_blocks=len(new), reused_blocks=0,
         bytes_per_token=total_bytes / max(1, int(placement.item_tokens.sum())),
-        expected_bytes_per_token=expected_bytes_per_token(ranker), imbalance=placement.imbalance(),
+        expected_bytes_per_token=expected_bytes_per_token(ranker, kv_dtype), imbalance=placement.imbalance(),
         notes=[f"{len(new)} new items placed by nearest centroid; {len(incoming) - len(new)} already in the cache"],
     )
 

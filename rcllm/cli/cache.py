@@ -29,7 +29,8 @@ def build_cache_command(
     history: int = typer.Option(DEFAULT_HISTORY, help="Most recent history items in a user's history block."),
     batch_size: int = typer.Option(16, help="Blocks computed per forward pass."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (KV is stored in this dtype)."),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16: the dtype the model computes in."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="fp32 | bf16 | fp16 | int8: how KV blocks are stored (int8: 1 byte per value plus scales, decoded when read). Default: --dtype."),
     seed: int = typer.Option(0, help="Seed for clustering and placement."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
 ) -> None:
@@ -43,7 +44,7 @@ def build_cache_command(
     set_threads(threads)
     options = BuildOptions(
         out=out, nodes=nodes, model=model, users=users, interactions=interactions, device=device, dtype=dtype,
-        embedder=embedder, max_item_tokens=max_item_tokens, history=history, batch_size=batch_size, seed=seed,
+        kv_dtype=kv_dtype, embedder=embedder, max_item_tokens=max_item_tokens, history=history, batch_size=batch_size, seed=seed,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -98,7 +99,8 @@ def cache_info_command(
         return
     m = info["manifest"]
     console.print(f"[bold]{cache}[/]: model {m['model']['name']} ({m['model']['family']}, {m['model']['dtype']}, "
-                  f"fingerprint {m['model']['fingerprint'][:12]}), {m['items']['count']} items, {m['users']['count']} users")
+                  f"fingerprint {m['model']['fingerprint'][:12]}), KV stored as {m.get('kv_dtype') or m['model']['dtype']}, "
+                  f"{m['items']['count']} items, {m['users']['count']} users")
     table = Table()
     for column in ("store", "address", "blocks", "tokens", "MiB", "bytes/token", "shards"):
         table.add_column(column, justify="right")

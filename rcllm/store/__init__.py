@@ -15,10 +15,11 @@ from rcllm.store.manifest import (
     users_dir,
 )
 from rcllm.store.layout import cache_info
-from rcllm.store.shards import BlockStore, CorruptBlockError, block_from_bytes, block_to_bytes
+from rcllm.store.codec import KV_DTYPES, CorruptBlockError, block_from_bytes, block_to_bytes
+from rcllm.store.shards import BlockStore
 
 __all__ = [
-    "BlockStore", "CorruptBlockError", "IncompatibleCacheError", "Manifest", "block_from_bytes",
+    "KV_DTYPES", "BlockStore", "CorruptBlockError", "IncompatibleCacheError", "Manifest", "block_from_bytes",
     "block_to_bytes", "cache_info", "check_compatible", "default_nodes", "model_record", "node_dir",
     "placement_dir", "users_dir",
 ]

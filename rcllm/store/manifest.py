@@ -72,6 +72,7 @@ def _now() -> str:
 class Manifest:
     version: int = MANIFEST_VERSION
     model: dict = field(default_factory=dict)  # model_record(): name, path, family, fingerprint, ...
+    kv_dtype: str = ""  # how the blocks store KV (fp32, bf16, fp16, int8); "": the model's dtype (older caches)
     template: dict = field(default_factory=dict)  # PromptTemplate.to_dict()
     block_context: dict = field(default_factory=dict)  # system prefix token ids and its block key
     nodes: list[dict] = field(default_factory=list)  # {"node": k, "host": ..., "port": ...}
@@ -141,11 +142,17 @@ def _dtype_flag(name: str) -> str:
     return flags.get(name, name)
 
 
-def check_compatible(manifest: Manifest, lm: LoadedModel, template: dict) -> None:
+def stored_kv_dtype(manifest: Manifest) -> str:
+    """How the cache's blocks store KV: ``fp32``, ``bf16``, ``fp16`` or ``int8``."""
+    return manifest.kv_dtype or _dtype_flag(manifest.model.get("dtype", ""))
+
+
+def check_compatible(manifest: Manifest, lm: LoadedModel, template: dict, kv_dtype: str | None = None) -> None:
     """Raise :class:`IncompatibleCacheError` unless ``lm`` with ``template`` may use the cache's blocks.
 
     Blocks are only valid for the model weights, tokenizer and dtype that computed them, and
-    for the template that produced their token ids.
+    for the template that produced their token ids. ``kv_dtype``: how a build adding to the
+    cache would store KV, which must be how its blocks are stored (serving reads any).
     """
     where = f"the cache at {manifest.cache_dir}" if manifest.cache_dir is not None else "the cache"
     built = manifest.model
@@ -175,4 +182,10 @@ def check_compatible(manifest: Manifest, lm: LoadedModel, template: dict) -> Non
         raise IncompatibleCacheError(
             f"{where} was built with another prompt template (fields that differ: {', '.join(differ)}), "
             f"so its blocks hold other token ids: serve with the cache's template, or {rebuild} and your template"
+        )
+    stored = stored_kv_dtype(manifest)
+    if kv_dtype is not None and kv_dtype != stored:
+        raise IncompatibleCacheError(
+            f"{where} stores {stored} KV but this build asks for --kv-dtype {kv_dtype}: rerun with --kv-dtype "
+            f"{stored}, or build into another --out (or delete the cache) to store {kv_dtype}"
         )

@@ -4,8 +4,12 @@ A store is a folder::
 
     index.lmdb/                    LMDB env: db "blocks" (key -> JSON entry), db "meta"
     shard-000000.safetensors       tensors "{key}/k", "{key}/v" [layers, kv_heads, n, head_dim]
-    shard-000001.safetensors       and "{key}/ids" (int64 [n]), many blocks per file
+    shard-000001.safetensors       and "{key}/ids" (int64 [n]), many blocks per file (int8 KV:
+                                   "{key}/k_q", "{key}/k_scale", ...; see rcllm.store.codec)
     writer.lock                    held (flock) by the one process that may write
+
+A store keeps its KV in one stored dtype (``kv_dtype``: fp32, bf16, fp16 or int8), recorded in
+its index when a writer first names it; ``get`` decodes a block to the dtype it was computed in.
 
 ``put`` buffers blocks; a full buffer (or ``flush``) becomes one shard, written to a temp name,
 fsynced and renamed, and only then indexed in one LMDB transaction. A crash therefore leaves
@@ -21,7 +25,6 @@ compaction removed still reads the same bytes.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -32,107 +35,28 @@ from pathlib import Path
 import lmdb
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
 from rcllm.engine.blocks import BlockKV
 from rcllm.files import fsync_dir, fsync_file
+from rcllm.store.codec import (
+    CorruptBlockError,
+    block_entry,
+    check_kv_dtype,
+    checksum,
+    encode,
+    parse,
+    serialize,
+    stored_parts,
+    to_block,
+)
+from rcllm.store.manifest import IncompatibleCacheError
 
 SHARD_FORMAT = "rcllm-shard/1"
-BLOCK_FORMAT = "rcllm-block/1"
 _SHARD_NAME = re.compile(r"shard-(\d+)\.safetensors")
 _OPEN_SHARDS = 8  # shard handles kept open per store (each is an mmap; gets hit few shards at once)
 _MAX_READERS = 512  # LMDB reader slots: one per concurrent read transaction, across processes
 _MAX_KEY_BYTES = 511  # LMDB's key size limit
-
-
-class CorruptBlockError(ValueError):
-    """A stored block whose bytes do not match its checksum, or whose shard is unreadable."""
-
-
-# ---------------------------------------------------------------------------------------------
-# one block as tensors, checksum and bytes
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _tensors(block: BlockKV) -> dict[str, torch.Tensor]:
-    return {
-        "k": block.keys.detach().to("cpu").contiguous(),
-        "v": block.values.detach().to("cpu").contiguous(),
-        "ids": block.token_ids.to(torch.int64).contiguous(),
-    }
-
-
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """blake2b-128 of the K, V and token-id bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in ("k", "v", "ids"):
-        digest.update(tensors[name].reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _entry(block: BlockKV, tensors: dict[str, torch.Tensor]) -> dict:
-    """The index entry of a block, less its shard."""
-    return {
-        "n_tokens": block.n_tokens,
-        "base_pos": block.base_pos,
-        "fingerprint": block.fingerprint,
-        "context": block.context,
-        "dtype": _dtype_name(block.keys.dtype),
-        "nbytes": tensors["k"].nbytes + tensors["v"].nbytes,
-        "checksum": checksum(tensors),
-    }
-
-
-def _block(tensors: dict[str, torch.Tensor], entry: dict, device) -> BlockKV:
-    return BlockKV(
-        token_ids=tensors["ids"],
-        keys=tensors["k"].to(device),
-        values=tensors["v"].to(device),
-        base_pos=int(entry["base_pos"]),
-        fingerprint=entry["fingerprint"],
-        context=entry["context"],
-    )
-
-
-def _serialize(tensors: dict[str, torch.Tensor], entry: dict) -> bytes:
-    meta = {
-        "format": BLOCK_FORMAT,
-        "base_pos": str(entry["base_pos"]),
-        "fingerprint": entry["fingerprint"],
-        "checksum": entry["checksum"],
-    }
-    if entry["context"] is not None:
-        meta["context"] = entry["context"]
-    return st_save(tensors, metadata=meta)
-
-
-def block_to_bytes(block: BlockKV) -> bytes:
-    """One block as self-describing bytes (safetensors with base_pos, fingerprint, context, checksum)."""
-    tensors = _tensors(block)
-    return _serialize(tensors, _entry(block, tensors))
-
-
-def block_from_bytes(data: bytes) -> BlockKV:
-    """Decode :func:`block_to_bytes`; the checksum is always verified (the bytes crossed a network)."""
-    data = bytes(data)
-    try:
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-        tensors = st_load(data)
-    except (ValueError, SafetensorError) as e:
-        raise ValueError(f"not a serialized rcllm block ({len(data)} bytes): {e}") from None
-    if meta.get("format") != BLOCK_FORMAT or set(tensors) != {"k", "v", "ids"}:
-        raise ValueError(f"not a serialized rcllm block: format {meta.get('format')!r}, tensors {sorted(tensors)}")
-    actual = checksum(tensors)
-    if actual != meta.get("checksum"):
-        raise CorruptBlockError(f"serialized block is corrupt: checksum {actual}, expected {meta.get('checksum')}")
-    entry = {"base_pos": meta["base_pos"], "fingerprint": meta["fingerprint"], "context": meta.get("context")}
-    return _block(tensors, entry, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +69,10 @@ class BlockStore:
     One writer per folder at a time (enforced with a lock file); any number of read-only
     openers in other processes. LMDB forbids opening the same index twice in one process:
     share one BlockStore per folder. ``put`` is durable only after ``flush`` (or ``close``).
+
+    ``kv_dtype``: how a writer stores KV (``fp32``, ``bf16``, ``fp16``, ``int8``), recorded in
+    the index; a store that recorded another one is refused. None: as recorded, or (nothing
+    recorded) each block in its own dtype.
     """
 
     def __init__(
@@ -155,6 +83,7 @@ class BlockStore:
         map_size: int = 1 << 36,
         *,
         readonly: bool = False,
+        kv_dtype: str | None = None,
     ):
         self.root = Path(root)
         self.max_shard_bytes = max_shard_bytes
@@ -196,6 +125,28 @@ class BlockStore:
             on_disk = [int(m.group(1)) for p in self.root.iterdir() if (m := _SHARD_NAME.match(p.name))]
             self._next_seq = max([stored, *(s + 1 for s in on_disk)])
             self.gc()
+        self.kv_dtype = self._kv_dtype(kv_dtype)
+
+    def _kv_dtype(self, wanted: str | None) -> str | None:
+        """The store's KV dtype: the recorded one, which ``wanted`` must equal; else ``wanted``,
+        recorded now (by a writer)."""
+        with self._env.begin() as txn:
+            raw = txn.get(b"kv_dtype", db=self._meta)
+        recorded = None if raw is None else raw.decode()
+        if wanted is None or wanted == recorded:
+            return recorded
+        if recorded is not None or self.readonly:
+            self._release()
+            if recorded is None:
+                raise PermissionError(f"the block store at {self.root} was opened read-only: it records no KV dtype")
+            raise IncompatibleCacheError(
+                f"the block store at {self.root} holds {recorded} KV, not {wanted}: rerun with --kv-dtype "
+                f"{recorded}, or build into another --out (or delete {self.root}) to store {wanted}"
+            )
+        check_kv_dtype(wanted)
+        with self._env.begin(write=True) as txn:
+            txn.put(b"kv_dtype", wanted.encode(), db=self._meta)
+        return wanted
 
     @classmethod
     def open_readonly(cls, root: Path) -> "BlockStore":
@@ -277,10 +228,22 @@ class BlockStore:
         The buffer keeps references to the block's CPU tensors until the shard is written.
         """
         self._check_writable()
+        tensors = encode(block, self.kv_dtype)
+        self._buffer(key, tensors, block_entry(block, tensors))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Buffer a block received as :func:`~rcllm.store.codec.block_to_bytes` bytes (checksum
+        verified); stored as it came unless this store keeps KV in another dtype."""
+        self._check_writable()
+        tensors, entry = parse(data)
+        if self.kv_dtype is None or entry["kv_dtype"] == self.kv_dtype:
+            self._buffer(key, tensors, entry)
+        else:
+            self.put(key, to_block(tensors, entry, "cpu"))
+
+    def _buffer(self, key: str, tensors: dict[str, torch.Tensor], entry: dict) -> None:
         if not key or len(key.encode()) > _MAX_KEY_BYTES:
             raise ValueError(f"block key must be 1..{_MAX_KEY_BYTES} bytes, got {key!r}")
-        tensors = _tensors(block)
-        entry = _entry(block, tensors)
         size = sum(t.nbytes for t in tensors.values())
         with self._write_lock:
             if key in self._pending:
@@ -291,10 +254,6 @@ class BlockStore:
             self._pending_bytes += size
             if self._pending_bytes >= self.max_shard_bytes:
                 self.flush()
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        """Buffer a block received as :func:`block_to_bytes` bytes (checksum verified)."""
-        self.put(key, block_from_bytes(data))
 
     def flush(self) -> None:
         """Write the buffered blocks as one shard and index them; they are durable on return."""
@@ -404,7 +363,7 @@ class BlockStore:
         name = entry["shard"]
         try:
             handle = self._handle(name)
-            return {part: handle.get_tensor(f"{key}/{part}") for part in ("k", "v", "ids")}
+            return {part: handle.get_tensor(f"{key}/{part}") for part in stored_parts(entry)}
         except FileNotFoundError:
             # A writer's compaction may have moved the block since we read the entry.
             fresh = self.entry(key)
@@ -430,15 +389,16 @@ class BlockStore:
                     f"block {key} in {self.root / entry['shard']} is corrupt: checksum {actual}, "
                     f"expected {entry['checksum']}; delete the shard and rerun the build to recompute it"
                 )
-        return _block(tensors, entry, device)
+        return to_block(tensors, entry, device)
 
     def get_bytes(self, key: str) -> bytes | None:
-        """The block as :func:`block_to_bytes` bytes, carrying the checksum recorded at write time
-        (so the receiver also detects a block that rotted on this disk)."""
+        """The block as :func:`~rcllm.store.codec.block_to_bytes` bytes, in its stored dtype,
+        carrying the checksum recorded at write time (so the receiver also detects a block that
+        rotted on this disk)."""
         entry = self.entry(key)
         if entry is None:
             return None
-        return _serialize(self._read(key, entry), entry)
+        return serialize(self._read(key, entry), entry)
 
     # -- size ---------------------------------------------------------------------------------
 
@@ -463,7 +423,8 @@ class BlockStore:
         return self.stats()["bytes_per_token"]
 
     def stats(self) -> dict:
-        """blocks, tokens, bytes (disk), kv_bytes (K+V payload), shards, bytes_per_token (disk / tokens)."""
+        """blocks, tokens, bytes (disk), kv_bytes (K+V as stored, int8 scales included), shards,
+        bytes_per_token (disk / tokens), kv_dtype (None: each block as it was put)."""
         entries = self._entries()
         tokens = sum(e["n_tokens"] for _, e in entries)
         total = self.total_bytes
@@ -474,5 +435,6 @@ class BlockStore:
             "kv_bytes": sum(e["nbytes"] for _, e in entries),
             "shards": len(self._shard_paths()),
             "bytes_per_token": total / tokens if tokens else 0.0,
+            "kv_dtype": self.kv_dtype,
         }
 
