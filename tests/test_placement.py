@@ -224,3 +224,20 @@ def test_hash_placement_is_stable_and_random_placement_balanced():
     assert hash_placement(["1193", "661", "914", "3408"], 4).tolist() == [1, 1, 3, 3]
     counts = np.bincount(random_placement(101, 4, seed=3))
     assert counts.max() - counts.min() <= 1
+
+
+def test_placing_a_catalog_holds_one_normalised_copy_of_its_embeddings():
+    """At 1M x 384 a float32 copy is 1.5 GB: besides the caller's array, the placement's numpy
+    allocations stay near one copy (it made three, and a squared temporary, before #20)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(16, 96))[rng.integers(0, 16, 20_000)] + rng.normal(size=(20_000, 96))).astype(np.float32)
+    before = x.copy()
+    tracemalloc.start()
+    placement = place_items(x, rng.integers(20, 60, 20_000), 4)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1.5 * x.nbytes, f"peak {peak / x.nbytes:.2f}x the embeddings"
+    np.testing.assert_array_equal(x, before)  # the caller's array is left as it was
+    assert placement.imbalance() <= BALANCE_TOLERANCE + 1e-9
