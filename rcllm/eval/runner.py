@@ -223,9 +223,10 @@ def prepare_block_source(
     ``cache``: a cache built by ``rcllm build-cache`` (it holds a manifest), read first and never
     written; or else the folder of eval's own store. ``store_dir``: eval's own store beside a
     built cache (default: under the user cache). ``note`` hears the plan (blocks, tokens, disk)
-    before any block is computed, and the estimated time after the first batch; ``progress``
-    (done, total) each batch. Raises :class:`~rcllm.eval.blocks.NotEnoughDiskError` (a ValueError) before computing
-    anything when the blocks do not fit on their disk.
+    before any block is computed, the estimated time after the second batch and the time taken
+    at the end; ``progress`` (done, total) each batch. Raises
+    :class:`~rcllm.eval.blocks.NotEnoughDiskError` (a ValueError) before computing anything when
+    the blocks do not fit on their disk.
     """
     from rcllm.store import BlockStore
     from rcllm.store.tiered import TieredBlockSource
