@@ -26,7 +26,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rcllm.build import pipeline
+from rcllm.build import pipeline, plan
 from rcllm.build.embed import get_embedder
 from rcllm.build.pipeline import (
     BuildOptions,
@@ -48,7 +48,18 @@ from rcllm.engine.api import open_ranker
 from rcllm.engine.blocks import BlockKV, Segment, context_hash, uncached
 from rcllm.engine.forward import BlockEngine
 from rcllm.engine.prompt import PromptTemplate, item_text
-from rcllm.store import BlockStore, IncompatibleCacheError, Manifest, cache_info, node_dir, placement_dir, users_dir
+from rcllm.store import (
+    BlockStore,
+    IncompatibleCacheError,
+    Manifest,
+    StoreNotBuiltError,
+    cache_info,
+    node_dir,
+    placement_dir,
+    require_built,
+    store_states,
+    users_dir,
+)
 from rcllm.store.placement import load_placement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +150,7 @@ def assert_same_blocks(got: dict[str, BlockKV], want: dict[str, BlockKV]) -> Non
         assert_same_block(got[key], want[key])
 
 
-STABLE_MANIFEST_FIELDS = ("version", "model", "template", "block_context", "nodes", "placement", "items", "users")
+STABLE_MANIFEST_FIELDS = ("version", "model", "template", "block_context", "nodes", "placement", "items", "users", "stores")
 
 
 def assert_same_cache(got: Path, want: Path) -> None:
@@ -183,7 +194,7 @@ def forbid_compute(monkeypatch) -> None:
 
     monkeypatch.setattr(BlockEngine, "compute_blocks", refuse)
     monkeypatch.setattr(BlockEngine, "compute_block", refuse)
-    monkeypatch.setattr(pipeline, "get_embedder", refuse)
+    monkeypatch.setattr(plan, "get_embedder", refuse)
 
 
 def count_computed_blocks(monkeypatch) -> list[int]:
@@ -226,7 +237,7 @@ def write_jsonl(path: Path, rows) -> Path:
 def remembered_embeddings():
     """An item text embeds the same in every build: the default embedder (MiniLM) embeds each
     text once per module, which keeps the many fresh builds here fast. Placement is unchanged."""
-    real = pipeline.get_embedder
+    real = plan.get_embedder
     memo: dict[str, np.ndarray] = {}
     shared = {}
 
@@ -250,7 +261,7 @@ def remembered_embeddings():
         return shared[spec]
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline, "get_embedder", get_embedder)
+    mp.setattr(plan, "get_embedder", get_embedder)
     yield
     mp.undo()
 
@@ -294,7 +305,7 @@ def test_clean_build_puts_every_block_on_the_node_its_placement_names(clean, dat
     assert (report.items, report.users) == (N_ITEMS, N_USERS)
     assert (report.computed_blocks, report.reused_blocks) == (N_ITEMS + N_USERS, 0)
     assert report.imbalance <= 0.10 + 1e-9
-    assert set(clean.reporter.phases) >= {"item KV blocks", "history KV blocks"}
+    assert set(clean.reporter.phases) >= {"node 0: item KV blocks", "node 1: item KV blocks", "history KV blocks"}
 
     items = load_catalog(data.catalog)
     assert load_catalog(out / "catalog.jsonl") == items
@@ -344,7 +355,7 @@ def test_rerun_of_a_complete_build_computes_nothing_and_changes_no_block(clean, 
     reporter = RecordingReporter()
     with pytest.MonkeyPatch.context() as mp:
         computed = count_computed_blocks(mp)
-        mp.setattr(pipeline, "get_embedder", lambda *a, **k: pytest.fail("re-embedded a placed catalog"))
+        mp.setattr(plan, "get_embedder", lambda *a, **k: pytest.fail("re-embedded a placed catalog"))
         report = build_cache(data.catalog, options(out, data, model), reporter, ranker=ranker)
     assert sum(computed) == 0
     assert (report.computed_blocks, report.reused_blocks) == (0, N_ITEMS + N_USERS)
@@ -456,11 +467,15 @@ def test_build_crashed_mid_compute_resumes_to_exactly_the_clean_build(crash_at, 
         with pytest.raises(RuntimeError, match="simulated crash"):
             build_cache(data.catalog, options(out, data, model), ranker=ranker)
 
-    # A half-built cache is not a cache: nothing will serve it.
-    with pytest.raises(FileNotFoundError):
-        Manifest.load(out)
-    with pytest.raises(FileNotFoundError):
-        cache_info(out)
+    # Planned, half-built: the stores the crash left unfinished say so, and nothing serves them.
+    finished = {"second-node": ["node-0"], "histories": ["node-0", "node-1"]}.get(crash_at, [])
+    manifest = Manifest.load(out)
+    assert [s.name for s in store_states(out, manifest) if s.built] == finished
+    assert [row["state"] for row in cache_info(out)["stores"]] == [
+        "built" if name in finished else "not built" for name in ("node-0", "node-1", "users")
+    ]
+    with pytest.raises(StoreNotBuiltError, match="is not built"):
+        require_built(out, manifest, ["node-0", "node-1", "users"])
     durable = 0
     for root in [node_dir(clean.out, k) for k in range(NODES)] + [users_dir(clean.out)]:
         survived = read_store(out / root.name)
@@ -468,7 +483,6 @@ def test_build_crashed_mid_compute_resumes_to_exactly_the_clean_build(crash_at, 
         assert set(survived) <= set(reference)  # whatever is indexed is whole and right
         assert_same_blocks(survived, {k: reference[k] for k in survived})
         durable += len(survived)
-        finished = {"second-node": ["node-0"], "histories": ["node-0", "node-1"]}.get(crash_at, [])
         if root.name in finished:
             assert len(survived) == len(reference)  # a store finished before the crash is durable
     if crash_at == "first-batch":
@@ -560,8 +574,10 @@ def test_build_cache_process_killed_with_sigkill_then_rerun_equals_the_clean_bui
         proc.stdin.close()
     assert proc.returncode == -signal.SIGKILL
 
-    with pytest.raises(FileNotFoundError):
-        Manifest.load(out)  # not servable half-built
+    # node 0 finished and recorded itself built; node 1 and the users store did not
+    assert [s.name for s in store_states(out, Manifest.load(out)) if s.built] == ["node-0"]
+    with pytest.raises(StoreNotBuiltError, match=r"node-1 of the cache at .* is not built \(no blocks built yet\)"):
+        require_built(out, Manifest.load(out), ["node-0", "node-1"])
     durable = 0
     for root in [node_dir(clean.out, k) for k in range(NODES)] + [users_dir(clean.out)]:
         survived = read_store(out / root.name)
@@ -672,7 +688,6 @@ def test_bytes_per_token_is_the_kv_size_plus_small_overhead(clean, ranker):
     manifest = Manifest.load(clean.out)
     m = manifest.model
     assert (m["n_layers"], m["kv_heads"], m["head_dim"], m["dtype"]) == (2, 2, 16, "float32")
-    assert manifest.build["bytes_per_token"] == report.bytes_per_token
     assert manifest.build["expected_bytes_per_token"] == report.expected_bytes_per_token
     total_bytes = total_tokens = 0
     for root in store_dirs(clean.out):
@@ -744,6 +759,7 @@ def test_append_places_new_items_by_nearest_centroid_and_computes_only_their_blo
     assert [s["blocks"] for s in cache_info(out)["stores"][:NODES]] == [
         len(read_store(node_dir(out, k))) for k in range(NODES)
     ]
+    assert all(s.built for s in store_states(out, manifest))  # the nodes that grew recorded it
 
     # the same append again is a no-op
     state = snapshot(out)
@@ -832,6 +848,7 @@ def test_add_node_moves_whole_clusters_bit_for_bit_and_computes_nothing(clean, d
     assert manifest.placement["items_per_node"] == np.bincount(grown.item_node, minlength=NODES + 1).tolist()
     info = cli("cache", "info", out, "--json")
     assert [s["name"] for s in json.loads(info.stdout)["stores"]] == ["node-0", "node-1", "node-2", "users (replicated)"]
+    assert {s["state"] for s in json.loads(info.stdout)["stores"]} == {"built"}
 
     # the grown cache is what a build on NODES + 1 nodes expects: rerunning it computes nothing
     monkeypatch.undo()
@@ -926,7 +943,9 @@ def test_build_cache_with_only_a_catalog_writes_rcllm_cache_on_two_nodes(data, r
     assert list(stores) == ["node-0", "node-1", "users (replicated)"]
     for k in range(2):
         with BlockStore.open_readonly(node_dir(cache, k)) as store:
-            assert stores[f"node-{k}"] == {"name": f"node-{k}", "address": f"127.0.0.1:{8100 + k}", **store.stats()}
+            row = stores[f"node-{k}"]
+            assert row.items() >= {"name": f"node-{k}", "address": f"127.0.0.1:{8100 + k}", **store.stats()}.items()
+            assert (row["state"], row["reason"], row["record"]["blocks"]) == ("built", "", store.stats()["blocks"])
     assert sum(stores[f"node-{k}"]["blocks"] for k in range(2)) == N_ITEMS
     assert stores["users (replicated)"]["blocks"] == 0
 

@@ -31,7 +31,8 @@ from rcllm.engine.ranker import Ranker
 from rcllm.serve.costs import EWMA, CostModel, kv_bytes_per_token
 from rcllm.serve.directory import ItemDirectory
 from rcllm.serve.schema import CacheStats, RecommendRequest, RecommendResponse, check_known, make_response
-from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, users_dir
+from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, require_built, users_dir
+from rcllm.store.built import USERS_STORE, node_store
 from rcllm.store.layout import CATALOG_COPY, HISTORIES_COPY
 from rcllm.store.tiered import TieredBlockSource
 
@@ -114,6 +115,8 @@ class NodeRunner:
             raise ValueError(f"--node {node}: the cache at {cache_dir} has nodes 0..{len(data.manifest.nodes) - 1}")
         if cuda_graphs not in CUDA_GRAPHS:
             raise ValueError(f"--cuda-graphs {cuda_graphs!r}: expected one of {', '.join(CUDA_GRAPHS)}")
+        # a node not (completely) built would serve with blocks missing: refuse, saying how to finish it
+        require_built(cache_dir, data.manifest, [node_store(node), USERS_STORE])
         ranker = open_cache_ranker(data.manifest, model, device)
         if cuda_graphs == "on" or (cuda_graphs == "auto" and ranker.engine.device.type == "cuda"):
             ranker.static = StaticRecompute(ranker.engine, max_length=graph_tokens)

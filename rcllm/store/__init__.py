@@ -1,7 +1,8 @@
 """Where KV lives on disk: the per-node block store (shards + index) and the cache manifest.
 
-Beside them, ``layout`` names the other files of a cache folder and ``placement`` holds the
-placement record (item -> cluster -> node) that build writes and serving reads.
+Beside them, ``layout`` names the other files of a cache folder, ``placement`` holds the
+placement record (item -> cluster -> node) that build writes and serving reads, and ``built``
+says which stores are built (each store's own completion record against the plan).
 """
 
 from rcllm.store.manifest import (
@@ -14,12 +15,13 @@ from rcllm.store.manifest import (
     placement_dir,
     users_dir,
 )
+from rcllm.store.built import StoreNotBuiltError, require_built, store_states
 from rcllm.store.layout import cache_info
 from rcllm.store.codec import KV_DTYPES, CorruptBlockError, block_from_bytes, block_to_bytes
 from rcllm.store.shards import BlockStore
 
 __all__ = [
-    "KV_DTYPES", "BlockStore", "CorruptBlockError", "IncompatibleCacheError", "Manifest", "block_from_bytes",
-    "block_to_bytes", "cache_info", "check_compatible", "default_nodes", "model_record", "node_dir",
-    "placement_dir", "users_dir",
+    "KV_DTYPES", "BlockStore", "CorruptBlockError", "IncompatibleCacheError", "Manifest", "StoreNotBuiltError",
+    "block_from_bytes", "block_to_bytes", "cache_info", "check_compatible", "default_nodes", "model_record",
+    "node_dir", "placement_dir", "require_built", "store_states", "users_dir",
 ]

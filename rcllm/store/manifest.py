@@ -1,8 +1,11 @@
 """The cache manifest: the single description of a cache folder, and the check that a model may use it.
 
 ``CACHE_DIR/manifest.json`` records the model the blocks were computed with, the prompt
-template and block context that produced their token ids, the nodes and the placement. Serving,
-eval and a rerun of the build read it; nothing else about a cache is guessed from its files.
+template and block context that produced their token ids, the nodes, the placement and what each
+store must hold. Serving, eval and a rerun of the build read it; nothing else about a cache is
+guessed from its files. Only planning a cache (and growing it) writes it: whether a store is
+built is its own record's to say (:mod:`rcllm.store.built`), so N processes building N nodes
+never write one file.
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ class Manifest:
     placement: dict = field(default_factory=dict)  # summary: n_clusters, items and tokens per node
     items: dict = field(default_factory=dict)  # counts
     users: dict = field(default_factory=dict)
+    # What each store folder (node-<k>, users) holds once built: blocks, tokens, the sha256 of its
+    # sorted keys. Written by the plan only; each store records its own completion (store/built.py).
+    stores: dict = field(default_factory=dict)
     build: dict = field(default_factory=dict)  # stats: seconds per phase, ...
     created: str = ""  # ISO 8601, UTC
     updated: str = ""
