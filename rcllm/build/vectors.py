@@ -171,7 +171,8 @@ def _match(path: Path, ids: list[str], rows: np.ndarray, item_ids: Sequence[str]
             "are the file and the catalog from the same export?"
         )
     picked = np.asarray(rows[[row_of[i] for i in item_ids]], dtype=np.float64)
-    vectors = picked.astype(np.float32)
+    with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf: refused below
+        vectors = picked.astype(np.float32)
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
         n = int(np.flatnonzero(bad)[0])
