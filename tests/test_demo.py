@@ -28,7 +28,7 @@ from rcllm.serve.client import RecommendClient, ServiceError
 from rcllm.serve.cluster import LocalCluster
 from rcllm.serve.runner import NodeData
 from rcllm.serve.schema import RecommendResponse
-from rcllm.store import Manifest
+from rcllm.store import Manifest, StoreNotBuiltError, require_built, store_states
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -135,15 +135,15 @@ def test_interrupting_the_demo_mid_stream_leaves_no_server_running(sig, tiny_mod
     if sig == signal.SIGINT:
         assert "interrupted" in demo_log(out)
         assert not (out / STATE_FILE).exists()
-    Manifest.load(out / "cache")  # the build had finished before the cluster started: still whole
+    assert all(s.built for s in store_states(out / "cache", Manifest.load(out / "cache")))  # built before the cluster
 
     rerun = start_demo(out, "--dataset", str(big_data), "--model", model, "--requests", "3")
     assert rerun.wait(timeout=300) == 0, demo_log(out)
 
 
-# The demo CLI, held inside its build right after the first block KV is stored (placement saved,
-# blocks being written, no manifest) until the test's Ctrl-C arrives: the interruption lands there
-# on every machine, however fast.
+# The demo CLI, held inside its build right after the first block KV is stored (planned, blocks
+# being written, no store recorded built) until the test's Ctrl-C arrives: the interruption lands
+# there on every machine, however fast.
 HELD_BUILD = """
 import signal, sys
 from rcllm.store import BlockStore
@@ -172,7 +172,7 @@ def test_ctrl_c_during_the_build_then_a_rerun_completes(tiny_models, big_data, t
             assert proc.poll() is None, demo_log(out)
             assert time.monotonic() < deadline, demo_log(out)
             time.sleep(0.05)
-        assert not (out / "cache" / "manifest.json").exists()
+        assert not any(s.built for s in store_states(out / "cache", Manifest.load(out / "cache")))
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     finally:
@@ -182,11 +182,11 @@ def test_ctrl_c_during_the_build_then_a_rerun_completes(tiny_models, big_data, t
     assert code == 130, demo_log(out)
     assert "interrupted" in demo_log(out)
     assert not (out / STATE_FILE).exists()  # no cluster was started
-    with pytest.raises(FileNotFoundError):
-        Manifest.load(out / "cache")  # an interrupted build is never servable
+    with pytest.raises(StoreNotBuiltError):  # an interrupted build is never servable
+        require_built(out / "cache", Manifest.load(out / "cache"), ["node-0", "node-1", "users"])
     rerun = start_demo(out, "--dataset", str(big_data), "--model", model, "--requests", "3")
     assert rerun.wait(timeout=300) == 0, demo_log(out)
-    Manifest.load(out / "cache")
+    assert all(s.built for s in store_states(out / "cache", Manifest.load(out / "cache")))
 
 
 @pytest.mark.slow
