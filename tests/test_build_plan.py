@@ -360,3 +360,15 @@ def test_replanning_a_built_cache_keeps_its_stores_built_and_a_new_catalog_makes
     assert all(s.built for s in store_states(out, Manifest.load(out)))
     assert sum(len(read_store(out / f"node-{k}")) for k in range(NODES)) == N_ITEMS - 5
     assert cache_info(out)["stores"][0]["record"]["fingerprint"] == ranker.engine.fingerprint
+
+
+def test_stores_keep_kv_in_the_plans_kv_dtype(data, model, ranker, tmp_path):
+    out = tmp_path / "cache"
+    plan_cache(data.catalog, options(out, data, model, users=None, kv_dtype="bf16"), ranker=ranker)
+    build = build_node(out, 0, ranker=ranker)  # no KV dtype asked: the plan's
+    assert cache_info(out)["stores"][0]["kv_dtype"] == "bf16" and build.record["blocks"] > 0
+    with pytest.raises(IncompatibleCacheError, match="stores bf16 KV but this build asks for --kv-dtype int8"):
+        build_node(out, 1, BuildOptions(out=out, model=str(model), kv_dtype="int8"), ranker=ranker)
+    assert not (out / "node-1").exists()
+    result = cli("build-cache", "--node", 1, "--out", out, "--kv-dtype", "int8")
+    assert result.exit_code == 2 and flat("--kv-dtype: set when the cache was planned") in flat(result.output)
