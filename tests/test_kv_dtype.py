@@ -111,6 +111,14 @@ def test_bf16_and_fp16_storage_is_exactly_the_dtype_conversion(kv_dtype, dtype):
     assert again.keys.dtype == dtype and torch.equal(again.keys, native.keys) and torch.equal(again.values, native.values)
 
 
+def test_fp16_storage_refuses_kv_beyond_its_range():
+    block = make_block(4)
+    block.values[1, 0, 2, 5] = 70_000.0  # fine in float32 and bfloat16, inf in float16
+    with pytest.raises(ValueError, match="exceeds float16's range"):
+        encode(block, "fp16")
+    assert float(round_trip(block, "bf16").values[1, 0, 2, 5]) == pytest.approx(70_000.0, rel=1e-2)
+
+
 def test_int8_scales_run_per_channel_for_keys_and_per_token_for_values():
     block = make_block(5, n=9)
     tensors = encode(block, "int8")

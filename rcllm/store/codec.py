@@ -114,7 +114,11 @@ def encode(
     ids = block.token_ids.to(torch.int64).contiguous()
     if kv_dtype in FLOAT_KV:
         dtype = FLOAT_KV[kv_dtype]
-        return {"k": keys.to(dtype).contiguous(), "v": values.to(dtype).contiguous(), "ids": ids}
+        k, v = keys.to(dtype).contiguous(), values.to(dtype).contiguous()
+        # float16 tops out at 65504: a larger value would be stored as inf, silently.
+        if dtype == torch.float16 and keys.dtype != dtype and not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+            raise ValueError("block KV exceeds float16's range (|x| > 65504) or is not finite: store it as bf16 or int8")
+        return {"k": k, "v": v, "ids": ids}
     k_q, k_scale = quantize(keys, key_axis)
     v_q, v_scale = quantize(values, value_axis)
     return {"k_q": k_q, "k_scale": k_scale.contiguous(), "v_q": v_q, "v_scale": v_scale.contiguous(), "ids": ids}
