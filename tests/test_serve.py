@@ -1084,3 +1084,16 @@ def test_a_node_with_the_static_pass_on_answers_as_the_engine_does_and_deviation
         assert len(calls) == len(picked)  # ran eagerly
     finally:
         runner.close()
+
+
+def test_fetch_costs_count_the_bytes_a_block_is_stored_in():
+    """A node weighs a peer fetch against recomputing by the bytes it moves: an int8 cache moves
+    a quarter of its fp32 model's KV, a bf16 one half; no stored dtype means the compute dtype."""
+    from rcllm.serve.costs import kv_bytes_per_token
+
+    model = {"n_layers": 30, "kv_heads": 3, "head_dim": 64, "dtype": "float32"}
+    fp32 = 30 * 2 * 3 * 64 * 4
+    assert kv_bytes_per_token(model) == kv_bytes_per_token(model, "fp32") == fp32
+    assert kv_bytes_per_token(model, "bf16") == kv_bytes_per_token(model, "fp16") == fp32 // 2
+    assert kv_bytes_per_token(model, "int8") == fp32 // 4
+    assert kv_bytes_per_token({**model, "dtype": "bfloat16"}) == fp32 // 2

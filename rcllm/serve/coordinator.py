@@ -38,6 +38,7 @@ from rcllm.serve.replication import REPLICA_SHARE, HotItems
 from rcllm.serve.routing import NodeView, RouteQuery, Router
 from rcllm.serve.schema import RecommendRequest, check_known, parse_request
 from rcllm.store import Manifest, users_dir
+from rcllm.store.manifest import stored_kv_dtype
 from rcllm.store.layout import HISTORIES_COPY
 
 DOWN_AFTER_FAILED_POLLS = 2
@@ -110,7 +111,7 @@ class Coordinator:
         histories_file = users_dir(cache_dir) / HISTORIES_COPY
         histories = load_histories(histories_file, strict=False)[0] if histories_file.is_file() else {}
         return cls(
-            ItemDirectory.load(cache_dir), addresses, kv_bytes_per_token(manifest.model), histories=histories,
+            ItemDirectory.load(cache_dir), addresses, kv_bytes_per_token(manifest.model, stored_kv_dtype(manifest)), histories=histories,
             history_len=int(manifest.users.get("history", DEFAULT_HISTORY)), placement=manifest.placement, **options,
         )
 

@@ -34,6 +34,7 @@ from rcllm.serve.schema import CacheStats, RecommendRequest, RecommendResponse, 
 from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, require_built, users_dir
 from rcllm.store.built import USERS_STORE, node_store
 from rcllm.store.layout import CATALOG_COPY, HISTORIES_COPY
+from rcllm.store.manifest import stored_kv_dtype
 from rcllm.store.tiered import TieredBlockSource
 
 CUDA_GRAPHS = ("auto", "on", "off")
@@ -94,7 +95,7 @@ class NodeRunner:
         started = time.perf_counter()
         ranker.engine.compute_block(context_ids, ())
         context_ms = (time.perf_counter() - started) * 1000.0
-        self.costs = CostModel(kv_bytes_per_token(data.manifest.model), compute_ms_per_token=context_ms / len(context_ids))
+        self.costs = CostModel(kv_bytes_per_token(data.manifest.model, stored_kv_dtype(data.manifest)), compute_ms_per_token=context_ms / len(context_ids))
         self.service_ms = 0.0
         self.requests = 0
         self.tiers: Counter = Counter()  # item block lookups: memory, disk, peer, computed
