@@ -166,3 +166,21 @@ def test_a_built_cache_of_another_model_is_refused(ranker, tiny_models, data, se
     with pytest.raises(ValueError, match="built for model"):
         prepare_block_source(ranker, data, settings, tmp_path / "cache", store_dir=tmp_path / "own")
     assert not Path(tmp_path / "own").exists()
+
+
+def test_an_eval_whose_store_another_writer_holds_is_refused_with_a_message(tiny_models, tmp_path):
+    """Two evals computing into one store at once: the second says who holds it, no traceback."""
+    from rcllm.store import BlockStore, StoreBusyError
+
+    folder = tmp_path / "shop"
+    prepare(make_synthetic(n_items=120, n_users=20, n_interactions_per_user=(6, 12), seed=5), folder)
+    args = ["eval", "--dataset", str(folder), "--model", str(tiny_models["qwen3"]), "--users", "2", "--requests-per-user",
+            "1", "--candidates", "4", "--history", "3", "--systems", "full,rcllm:none", "--cache", str(tmp_path / "own")]
+    import fcntl
+
+    BlockStore(tmp_path / "own", create=True).close()
+    with open(tmp_path / "own" / "writer.lock", "a+b") as lock:  # what another process's writer holds
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = CliRunner().invoke(app, args)
+    assert refused.exit_code != 0 and not isinstance(refused.exception, StoreBusyError), refused.output
+    assert "open for writing elsewhere" in " ".join(refused.output.split())

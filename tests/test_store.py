@@ -30,6 +30,7 @@ from rcllm.store import (
     CorruptBlockError,
     IncompatibleCacheError,
     Manifest,
+    StoreBusyError,
     block_from_bytes,
     block_to_bytes,
     check_compatible,
@@ -164,7 +165,7 @@ def test_missing_store_without_create_names_the_path(tmp_path):
 
 def test_one_writer_at_a_time_and_readers_cannot_write(tmp_path):
     with BlockStore(tmp_path, create=True):
-        with pytest.raises(RuntimeError, match="open for writing elsewhere"):
+        with pytest.raises(StoreBusyError, match="open for writing elsewhere"):
             BlockStore(tmp_path)
     with BlockStore.open_readonly(tmp_path) as reader, pytest.raises(PermissionError, match="read-only"):
         reader.put("k", make_block(1))

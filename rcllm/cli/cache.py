@@ -63,7 +63,7 @@ def build_cache_command(
 
     from rcllm.build.pipeline import BuildOptions, append_items, build_cache, build_node, build_users, plan_cache, plan_options
     from rcllm.data.jsonl import DataFormatError
-    from rcllm.store import IncompatibleCacheError
+    from rcllm.store import IncompatibleCacheError, StoreBusyError
 
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name).name != "DEFAULT"
@@ -102,7 +102,7 @@ def build_cache_command(
             else:
                 report = {"--plan": plan_cache, "--append": append_items}.get(steps[0] if steps else "", build_cache)(
                     catalog, options, reporter)
-    except (DataFormatError, IncompatibleCacheError, FileNotFoundError, ValueError) as e:
+    except (DataFormatError, IncompatibleCacheError, FileNotFoundError, ValueError, StoreBusyError) as e:
         fail(str(e))
     if one_store:
         _print_store_build(out, report)

@@ -63,6 +63,7 @@ def eval_command(
     from rcllm.eval.report import plot_result, print_result
     from rcllm.engine.model_policy import default_policy
     from rcllm.eval.runner import EvalSettings, default_systems, prepare_block_source, run_eval, sample_eval_requests
+    from rcllm.store import StoreBusyError
 
     set_threads(threads)
     settings = EvalSettings(
@@ -93,7 +94,7 @@ def eval_command(
                     ranker, data, systems, settings, source, model_name=model, device=device, requests=requests,
                     progress=lambda name: progress.update(task, advance=1, description=f"ranking ({name})"),
                 )
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, StoreBusyError) as e:
             fail(str(e))
     print_result(result, console)
     if json_out:

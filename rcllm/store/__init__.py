@@ -18,10 +18,10 @@ from rcllm.store.manifest import (
 from rcllm.store.built import StoreNotBuiltError, require_built, store_states
 from rcllm.store.layout import cache_info
 from rcllm.store.codec import KV_DTYPES, CorruptBlockError, block_from_bytes, block_to_bytes
-from rcllm.store.shards import BlockStore
+from rcllm.store.shards import BlockStore, StoreBusyError
 
 __all__ = [
-    "KV_DTYPES", "BlockStore", "CorruptBlockError", "IncompatibleCacheError", "Manifest", "StoreNotBuiltError",
+    "KV_DTYPES", "BlockStore", "CorruptBlockError", "IncompatibleCacheError", "Manifest", "StoreNotBuiltError", "StoreBusyError",
     "block_from_bytes", "block_to_bytes", "cache_info", "check_compatible", "default_nodes", "model_record",
     "node_dir", "placement_dir", "require_built", "store_states", "users_dir",
 ]

@@ -63,6 +63,10 @@ _MAX_KEY_BYTES = 511  # LMDB's key size limit
 # the store
 
 
+class StoreBusyError(RuntimeError):
+    """Another writer holds the store (its ``writer.lock``): a second build or eval on the same folder."""
+
+
 class BlockStore:
     """Blocks by key in one folder (``CACHE_DIR/node-<k>/`` or ``CACHE_DIR/users/``).
 
@@ -103,7 +107,7 @@ class BlockStore:
                 fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 self._lock_file.close()
-                raise RuntimeError(
+                raise StoreBusyError(
                     f"the block store at {self.root} is open for writing elsewhere (one writer per "
                     "store, in this or another process): close that one, or open this one read-only"
                 ) from None
