@@ -61,7 +61,7 @@ class StoredForm:
     """A block source: the blocks of ``inner``, each stored in one form and read back."""
 
     def __init__(self, inner: MemoryBlockCache, kv_dtype: str, key_axis: str | None, value_axis: str | None):
-        self.inner, self.context = inner, inner.context
+        self.inner, self.system = inner, inner.system
         axes = {} if key_axis is None else {"key_axis": key_axis, "value_axis": value_axis}
         self.convert = lambda block: round_trip(block, kv_dtype, **axes)
         self.blocks = {}

@@ -62,22 +62,22 @@ def source(request, ranker, tmp_path):
         store.put(key, engine.compute_block(ids, context))
     with BlockStore.open_readonly(tmp_path / "store") as store:
         if request.param == "tiered":
-            yield TieredBlockSource(ranker, [store], hot_bytes=1 << 20, context=context)
+            yield TieredBlockSource(ranker, [store], hot_bytes=1 << 20, system=context)
         else:  # nothing in the tiers: the item comes from the held blocks, the history is computed
-            yield HeldBlocks(TieredBlockSource(ranker, [], hot_bytes=0, context=context), {key: store.get(key)})
+            yield HeldBlocks(TieredBlockSource(ranker, [], hot_bytes=0, system=context), {key: store.get(key)})
 
 
 def test_every_block_source_gives_the_block_compute_block_computes_after_its_context(ranker, source):
     engine, builder = ranker.engine, ranker.builder
     assert isinstance(source, BlockSource)
-    torch.testing.assert_close(source.context.keys, engine.compute_block(builder.system_ids(), ()).keys, rtol=0, atol=1e-6)
-    assert source.context.base_pos == 0
+    torch.testing.assert_close(source.system.keys, engine.compute_block(builder.system_ids(), ()).keys, rtol=0, atol=1e-6)
+    assert source.system.base_pos == 0
     for kind, ids in [("item", builder.item_ids(CANDIDATES[0])), ("history", builder.history_ids(HISTORY))]:
-        want = engine.compute_block(ids, source.context)
+        want = engine.compute_block(ids, source.system)
         for _ in range(2):  # whether it was computed, read or held, and again once the source has it
             block, hit = source.get(kind, ids)
             assert isinstance(hit, bool)
-            assert torch.equal(block.token_ids, ids) and block.base_pos == source.context.n_tokens
+            assert torch.equal(block.token_ids, ids) and block.base_pos == source.system.n_tokens
             assert block.fingerprint == engine.fingerprint and block.context == want.context
             torch.testing.assert_close(block.keys, want.keys, rtol=0, atol=1e-6)
             torch.testing.assert_close(block.values, want.values, rtol=0, atol=1e-6)

@@ -42,21 +42,22 @@ class BlockSource(Protocol):
     """Where the ranker takes a prompt's cached blocks from: :class:`MemoryBlockCache` (computed
     on first use, in memory), :class:`~rcllm.store.tiered.TieredBlockSource` (a hot tier over
     precomputed block stores) and a node's per-request view of it
-    (:class:`~rcllm.serve.runner.HeldBlocks`). The ranker reads ``context`` and calls ``get``,
+    (:class:`~rcllm.serve.runner.HeldBlocks`). The ranker reads ``system`` and calls ``get``,
     nothing else.
 
-    ``context``: the KV of the system prefix (``PromptBuilder.system_ids()``) computed from an
+    ``system``: the KV of the system prefix (``PromptBuilder.system_ids()``) computed from an
     empty context, at base position 0. It is the prompt's cached system segment and the block
-    context every history and item block of the source is computed after.
+    context every history and item block of the source is computed after (whose hash each
+    block records as ``BlockKV.context``).
     """
 
-    context: BlockKV
+    system: BlockKV
 
     def get(self, kind: str, token_ids: torch.Tensor) -> tuple[BlockKV, bool]:
         """The block of ``token_ids`` and whether it was a hit.
 
-        The block holds exactly ``token_ids``, computed after ``context`` by this ranker's model:
-        the KV ``engine.compute_block(token_ids, context)`` gives, up to float rounding (a store
+        The block holds exactly ``token_ids``, computed after ``system`` by this ranker's model:
+        the KV ``engine.compute_block(token_ids, system)`` gives, up to float rounding (a store
         holds KV its build computed in batches). ``kind`` is ``"history"`` or ``"item"``; a
         source may treat them differently but gives the same block for the same ids. The flag
         is True when the source held the block before this call (the ranking counts a hit) and
@@ -71,19 +72,19 @@ class MemoryBlockCache:
 
     def __init__(self, engine: BlockEngine, builder: PromptBuilder):
         self.engine = engine
-        self.context_ids = builder.system_ids()
-        self.context = engine.compute_block(self.context_ids, ())
+        self.system_ids = builder.system_ids()
+        self.system = engine.compute_block(self.system_ids, ())
         self.blocks: dict[str, BlockKV] = {}
 
     def key(self, token_ids: torch.Tensor) -> str:
-        return block_key(self.engine.fingerprint, self.context_ids, token_ids)
+        return block_key(self.engine.fingerprint, self.system_ids, token_ids)
 
     def get(self, kind: str, token_ids: torch.Tensor) -> tuple[BlockKV, bool]:
         key = self.key(token_ids)
         block = self.blocks.get(key)
         if block is not None:
             return block, True
-        block = self.engine.compute_block(token_ids, self.context)
+        block = self.engine.compute_block(token_ids, self.system)
         self.blocks[key] = block
         return block, False
 
@@ -132,7 +133,7 @@ class Ranker:
         if len(candidates) > b.max_candidates:
             raise RequestError(f"{len(candidates)} candidates in one prompt; labels allow at most {b.max_candidates}")
         stats = {"user_hit": None, "item_hits": 0, "item_misses": 0}
-        system = Segment.fresh(b.system_ids(), "system") if source is None else Segment.cached(source.context, "system")
+        system = Segment.fresh(b.system_ids(), "system") if source is None else Segment.cached(source.system, "system")
         segs = [system]
         hist_ids = b.history_ids(history)
         if source is None:

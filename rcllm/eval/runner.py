@@ -253,4 +253,4 @@ def prepare_block_source(
         for store in built:
             store.close()
         raise
-    return lambda: TieredBlockSource(ranker, stores, settings.hot_tier_bytes, context=context)
+    return lambda: TieredBlockSource(ranker, stores, settings.hot_tier_bytes, system=context)

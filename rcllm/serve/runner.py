@@ -91,11 +91,11 @@ class NodeRunner:
         self.source = TieredBlockSource(ranker, stores, hot_bytes)
         # the compute rate's first estimate: the block context computed again, now that the
         # first forward (lazy initialisation, allocations) is behind us
-        context_ids = self.source.context.token_ids
+        system_ids = self.source.system.token_ids
         started = time.perf_counter()
-        ranker.engine.compute_block(context_ids, ())
+        ranker.engine.compute_block(system_ids, ())
         context_ms = (time.perf_counter() - started) * 1000.0
-        self.costs = CostModel(kv_bytes_per_token(data.manifest.model, stored_kv_dtype(data.manifest)), compute_ms_per_token=context_ms / len(context_ids))
+        self.costs = CostModel(kv_bytes_per_token(data.manifest.model, stored_kv_dtype(data.manifest)), compute_ms_per_token=context_ms / len(system_ids))
         self.service_ms = 0.0
         self.requests = 0
         self.tiers: Counter = Counter()  # item block lookups: memory, disk, peer, computed
@@ -269,7 +269,7 @@ class NodeRunner:
                 tier = "computed"
                 ids = builder.item_ids(text) if ids is None else ids
                 t = time.perf_counter()
-                held[key] = block = self.ranker.engine.compute_block(ids, source.context)
+                held[key] = block = self.ranker.engine.compute_block(ids, source.system)
                 self.costs.observe_compute(ids.numel(), (time.perf_counter() - t) * 1000.0)
                 source.admit(key, block)
             self.tiers[tier] += 1
@@ -291,7 +291,7 @@ class HeldBlocks:
     not recompute what this request just fetched or computed."""
 
     def __init__(self, source: TieredBlockSource, held: dict[str, BlockKV]):
-        self.source, self.held, self.context = source, held, source.context
+        self.source, self.held, self.system = source, held, source.system
 
     def get(self, kind: str, token_ids) -> tuple[BlockKV, bool]:
         block = self.held.get(self.source.key(token_ids)) if kind == "item" else None

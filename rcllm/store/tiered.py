@@ -19,19 +19,19 @@ from rcllm.store.shards import BlockStore
 
 class TieredBlockSource:
     """A :class:`~rcllm.engine.ranker.BlockSource`: the hot tier, then each store in order, then
-    a recompute. ``context``: the block context's KV when the caller has it already."""
+    a recompute. ``system``: the system prefix's KV (the block context) when the caller has it already."""
 
-    def __init__(self, ranker: Ranker, stores: Sequence[BlockStore], hot_bytes: int, context: BlockKV | None = None):
+    def __init__(self, ranker: Ranker, stores: Sequence[BlockStore], hot_bytes: int, system: BlockKV | None = None):
         self.engine = ranker.engine
-        self.context_ids = ranker.builder.system_ids()
-        self.context = context or self.engine.compute_block(self.context_ids, ())
+        self.system_ids = ranker.builder.system_ids()
+        self.system = system or self.engine.compute_block(self.system_ids, ())
         self.stores = list(stores)
         self.hot_bytes = hot_bytes
         self.hot: OrderedDict[str, BlockKV] = OrderedDict()
         self.hot_used = 0
 
     def key(self, token_ids: torch.Tensor) -> str:
-        return block_key(self.engine.fingerprint, self.context_ids, token_ids)
+        return block_key(self.engine.fingerprint, self.system_ids, token_ids)
 
     def locate(self, key: str) -> str | None:
         """The tier that holds ``key`` now ("memory" or "disk"), or None."""
@@ -53,7 +53,7 @@ class TieredBlockSource:
             if block is not None:
                 self.admit(key, block)
                 return block, True
-        block = self.engine.compute_block(token_ids, self.context)
+        block = self.engine.compute_block(token_ids, self.system)
         self.admit(key, block)
         return block, False
 
