@@ -600,6 +600,25 @@ def test_a_batch_of_prompts_gives_each_prompt_its_own_forward(tiny):
     assert engine.forward_batch([]) == []
 
 
+def test_logits_restricted_to_some_ids_equal_those_of_the_whole_vocabulary(tiny):
+    """logit_ids: those ids' logits equal the whole projection's, every other one is -inf; alone,
+    in a batch, and refused with generation (whose greedy tokens need every logit)."""
+    lm, engine = tiny
+    segments = moved_prompt(lm, engine, seed=24)
+    ids = torch.tensor([5, 1, 17, 3])
+    rest = torch.ones(lm.model.config.vocab_size, dtype=torch.bool)
+    rest[ids] = False
+    for policy in ("none", "tail:3", "full"):
+        whole = engine.forward(segments, policy).logits
+        for got in (engine.forward(segments, policy, logit_ids=ids), engine.forward_batch([(segments, policy)], ids)[0]):
+            assert got.logits.shape == whole.shape
+            assert max_diff(got.logits[ids], whole[ids]) <= LOGIT_TOL, policy
+            assert torch.isneginf(got.logits[rest]).all()
+            assert int(got.logits.argmax()) == int(ids[whole[ids].argmax()])
+    with pytest.raises(ValueError, match="generation needs them all"):
+        engine.forward(segments, "none", max_new_tokens=2, logit_ids=ids)
+
+
 def test_a_bad_prompt_fails_its_batch_before_any_work(tiny):
     lm, engine = tiny
     good = moved_prompt(lm, engine, seed=23)

@@ -28,6 +28,18 @@ from rcllm.engine.models import LoadedModel
 from rcllm.engine.policy import Policy, base_selection, deviation_selection, parse_policy
 
 
+def head_logits(lm_head: torch.nn.Module, h: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The output projection of normed hidden states [n, hidden]: logits [n, vocab], or, with
+    ``ids``, only those rows of the projection computed and ``-inf`` everywhere else."""
+    if ids is None:
+        return lm_head(h)
+    ids = ids.to(h.device)
+    bias = lm_head.bias.index_select(0, ids) if getattr(lm_head, "bias", None) is not None else None
+    picked = torch.nn.functional.linear(h, lm_head.weight.index_select(0, ids), bias)
+    out = h.new_full((h.shape[0], lm_head.weight.shape[0]), float("-inf"), dtype=picked.dtype)
+    return out.index_copy_(1, ids, picked)
+
+
 @dataclass
 class ForwardResult:
     logits: torch.Tensor  # float32 [vocab], next-token logits after the last prompt token
@@ -128,13 +140,22 @@ class BlockEngine:
         max_new_tokens: int = 0,
         return_kv: bool = False,
         eos_token_id: int | None = None,
+        logit_ids: torch.Tensor | None = None,
     ) -> ForwardResult:
-        """Next-token logits of the prompt (and an optional greedy continuation)."""
+        """Next-token logits of the prompt (and an optional greedy continuation).
+
+        ``logit_ids`` (token ids): compute only those logits, the rest are ``-inf`` — a ranking
+        reads only its labels' logits, and the output projection over the whole vocabulary is
+        the largest weight a small recompute reads. Not with ``max_new_tokens``, whose greedy
+        tokens need every logit.
+        """
         started = time.perf_counter()
         if max_new_tokens < 0:
             raise RequestError("max_new_tokens must be >= 0")
+        if max_new_tokens and logit_ids is not None:
+            raise ValueError("logit_ids restricts the first token's logits: generation needs them all")
         prompt = self._prepare(segments, parse_policy(policy), max_new_tokens)
-        (result,) = self._run([prompt], started)
+        (result,) = self._run([prompt], started, logit_ids)
         ctx_k, ctx_v, length = prompt.ctx_k, prompt.ctx_v, prompt.length
         logits, pos = result.logits, length
         for _ in range(max_new_tokens):
@@ -149,20 +170,23 @@ class BlockEngine:
         return result
 
     @torch.inference_mode()
-    def forward_batch(self, prompts: Sequence[tuple[Sequence[Segment], str | Policy]]) -> list[ForwardResult]:
+    def forward_batch(
+        self, prompts: Sequence[tuple[Sequence[Segment], str | Policy]], logit_ids: torch.Tensor | None = None
+    ) -> list[ForwardResult]:
         """Next-token logits of several prompts (segments, policy) in one pass.
 
         The tokens every prompt recomputes go through the projections and MLPs together, as one
         ragged batch (the weights are read once per layer for all of them); attention stays per
         prompt, over that prompt's own assembled context. Each result equals what ``forward``
         gives for its prompt alone, up to float summation order; ``prefill_ms`` is the wall time
-        of the whole batch, which is what each of its requests waited.
+        of the whole batch, which is what each of its requests waited. ``logit_ids``: as in
+        :meth:`forward`.
         """
         started = time.perf_counter()
         if not prompts:
             return []
         prepared = [self._prepare(segments, parse_policy(policy), 0) for segments, policy in prompts]
-        return self._run(prepared, started)
+        return self._run(prepared, started, logit_ids)
 
     def _prepare(self, segments: Sequence[Segment], policy: Policy, max_new_tokens: int) -> "Prompt":
         """Check one prompt, place its cached blocks in a fresh context and select its tokens."""
@@ -205,7 +229,9 @@ class BlockEngine:
             [s - b.base_pos for s, b in zip(starts, placed)], self.inv_freq,
         )
 
-    def _run(self, prompts: list["Prompt"], started: float) -> list[ForwardResult]:
+    def _run(
+        self, prompts: list["Prompt"], started: float, logit_ids: torch.Tensor | None = None
+    ) -> list[ForwardResult]:
         """The layers over every prompt's selected tokens, as one ragged batch."""
         h = self.embed(torch.cat([p.ids[p.idx] for p in prompts])).unsqueeze(0)
         token_layers = [0] * len(prompts)
@@ -216,7 +242,7 @@ class BlockEngine:
             if any(d is not None for d in devs):
                 h = self._narrow(h, prompts, devs)
         ends = torch.tensor([p.idx.numel() for p in prompts], device=h.device).cumsum(0) - 1
-        logits = self._logits(h[0, ends])
+        logits = self._logits(h[0, ends], logit_ids)
         elapsed = (time.perf_counter() - started) * 1000.0
         return [
             ForwardResult(
@@ -294,9 +320,10 @@ class BlockEngine:
             h, _ = self.run_layer(layer, h, [step], layer_no)
         return self._logits(h[0, -1:])[0]
 
-    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [n, vocab] on the CPU of hidden states [n, hidden]."""
-        return self.lm_head(self.norm(h_last)).float().cpu()
+    def _logits(self, h_last: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits [n, vocab] on the CPU of hidden states [n, hidden]; with ``ids``, only
+        those token ids' logits are computed and every other one is ``-inf``."""
+        return head_logits(self.lm_head, self.norm(h_last), ids).float().cpu()
 
     # -- block KV for the cache -------------------------------------------------------------
 

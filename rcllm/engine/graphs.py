@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from rcllm.engine.blocks import Segment
-from rcllm.engine.forward import BlockEngine, ForwardResult, Prompt
+from rcllm.engine.forward import BlockEngine, ForwardResult, Prompt, head_logits
 from rcllm.engine.policy import Policy, parse_policy
 
 
@@ -33,10 +33,14 @@ class StaticRecompute:
     """``forward(segments, policy)`` like :meth:`BlockEngine.forward` (no generation), for prompts
     of up to ``max_length`` tokens, captured as one CUDA graph per bucket of recomputed tokens."""
 
-    def __init__(self, engine: BlockEngine, max_length: int, bucket: int = 64):
+    def __init__(
+        self, engine: BlockEngine, max_length: int, bucket: int = 64, logit_ids: torch.Tensor | None = None
+    ):
         if max_length < 1 or bucket < 1:
             raise ValueError("max_length and bucket must be >= 1")
         self.engine = engine
+        # only these token ids' logits are computed (the rest -inf), as BlockEngine.forward(logit_ids=)
+        self.logit_ids = None if logit_ids is None else logit_ids.to(engine.device)
         self.max_length = max_length
         self.bucket = bucket
         self.scratch = max_length  # the padding rows' position
@@ -95,7 +99,7 @@ class StaticRecompute:
         prompt = Prompt(ids, None, None, None, self.ctx_k, self.ctx_v, self.ctx_k.shape[-2], idx, -1)
         for layer_no, layer in enumerate(engine.layers):
             h, _ = engine.run_layer(layer, h, [prompt], layer_no)
-        return engine.lm_head(engine.norm(h[0].index_select(0, last))).float()
+        return head_logits(engine.lm_head, engine.norm(h[0].index_select(0, last)), self.logit_ids).float()
 
     def _graph(self, rows: int) -> tuple:
         if rows in self._graphs:

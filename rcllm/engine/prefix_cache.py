@@ -49,8 +49,12 @@ class PrefixCache:
             keys.append(parent)
         return keys
 
-    def forward(self, ids: torch.Tensor, max_new_tokens: int = 0, eos_token_id: int | None = None) -> tuple[ForwardResult, PrefixHit]:
-        """Prefill ``ids`` reusing the longest cached prefix, then cache the prompt's full blocks."""
+    def forward(
+        self, ids: torch.Tensor, max_new_tokens: int = 0, eos_token_id: int | None = None,
+        logit_ids: torch.Tensor | None = None,
+    ) -> tuple[ForwardResult, PrefixHit]:
+        """Prefill ``ids`` reusing the longest cached prefix, then cache the prompt's full blocks
+        (``logit_ids``: as in :meth:`BlockEngine.forward`)."""
         ids = ids.to(torch.long).cpu()
         keys = self._keys(ids)
         hit = 0
@@ -68,7 +72,10 @@ class PrefixCache:
             prefix = BlockKV(ids[:n_cached], k, v, 0, self.engine.fingerprint, context=context_hash([]))
             segments.append(Segment.cached(prefix, "prefix"))
         segments.append(Segment.fresh(ids[n_cached:], "rest"))
-        result = self.engine.forward(segments, "none", max_new_tokens=max_new_tokens, return_kv=True, eos_token_id=eos_token_id)
+        result = self.engine.forward(
+            segments, "none", max_new_tokens=max_new_tokens, return_kv=True, eos_token_id=eos_token_id,
+            logit_ids=logit_ids,
+        )
         for i in range(hit, len(keys)):
             if keys[i] in self.blocks:
                 self.blocks.move_to_end(keys[i])
@@ -96,7 +103,7 @@ class PrefixSystem:
         start = time.perf_counter()
         segments, _ = ranker.segments(history, candidates)
         ids = torch.cat([s.token_ids for s in segments])
-        result, hit = self.cache.forward(ids)
+        result, hit = self.cache.forward(ids, logit_ids=ranker.logit_ids)
         ttft_ms = (time.perf_counter() - start) * 1000.0
         # what the reused prefix covered: part of the history, and any item wholly inside it
         ends, pos = {}, 0

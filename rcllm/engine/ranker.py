@@ -119,6 +119,8 @@ class Ranker:
         # a StaticRecompute (CUDA graphs; ``rcllm serve --cuda-graphs``) for prompts that run alone,
         # where kernel launches rather than arithmetic set the TTFT; batches amortise them already
         self.static: StaticRecompute | None = None
+        # a ranking reads only its labels' logits: the engine computes those alone
+        self.logit_ids = torch.tensor(builder.label_token_ids)
         self._priors: dict[int, torch.Tensor] = {}
 
     # -- prompt -------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ class Ranker:
         if n not in self._priors:
             filler = self.builder.template.content_free
             segs, _ = self.segments([filler], [filler] * n)
-            logits = self.engine.forward(segs, "full").logits
+            logits = self.engine.forward(segs, "full", logit_ids=self.logit_ids).logits
             self._priors[n] = torch.log_softmax(logits[self.builder.label_token_ids[:n]], -1)
         return self._priors[n]
 
@@ -243,14 +245,14 @@ class Ranker:
             except RequestError as e:
                 return [e]
         try:
-            return self.engine.forward_batch(batch)
+            return self.engine.forward_batch(batch, self.logit_ids)
         except RequestError as e:
             if len(batch) == 1:
                 return [e]
         results: list[ForwardResult | Exception] = []
         for segs, policy in batch:
             try:
-                results.append(self.engine.forward(segs, policy))
+                results.append(self.engine.forward(segs, policy, logit_ids=self.logit_ids))
             except RequestError as e:
                 results.append(e)
         return results
@@ -266,7 +268,10 @@ class Ranker:
         if not max_new_tokens and self.static is not None and self.static.accepts(segs, policy):
             result = self.static.forward(segs, policy)
         else:
-            result = self.engine.forward(segs, policy, max_new_tokens=max_new_tokens, eos_token_id=eos)
+            result = self.engine.forward(
+                segs, policy, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                logit_ids=None if max_new_tokens else self.logit_ids,
+            )
         return self.make_ranking(result, n, str(policy), assembled_ms + result.prefill_ms, **stats)
 
     def make_ranking(self, result: ForwardResult, n: int, policy: str, ttft_ms: float, **stats) -> Ranking:

@@ -345,7 +345,7 @@ def run_sweep(
         if ranker.calibration == "contextual":
             ranker.label_prior(len(case.candidates))
         prompts.append(ranker.segments(case.history, case.candidates, source)[0])
-    engine.forward(uncached(prompts[0]), "full")  # first-call costs (allocation, lazy init) left untimed
+    engine.forward(uncached(prompts[0]), "full", logit_ids=ranker.logit_ids)  # first-call costs (allocation, lazy init) left untimed
 
     rankings: dict[str, list[Ranking]] = {name: [] for name in names}
     rng = random.Random(seed)
@@ -354,7 +354,7 @@ def run_sweep(
         n = len(case.candidates)
         turn = k % len(names)
         for name in names[turn:] + names[:turn]:
-            result = engine.forward(uncached(segments) if name == "full" else segments, name)
+            result = engine.forward(uncached(segments) if name == "full" else segments, name, logit_ids=ranker.logit_ids)
             rankings[name].append(ranker.make_ranking(result, n, name, result.prefill_ms))
         item_kept, label_kept = top_after_rotation(ranker, case, rankings["full"][-1].order[0], rng)
         item_stable += item_kept

@@ -120,7 +120,7 @@ class NodeRunner:
         require_built(cache_dir, data.manifest, [node_store(node), USERS_STORE])
         ranker = open_cache_ranker(data.manifest, model, device)
         if cuda_graphs == "on" or (cuda_graphs == "auto" and ranker.engine.device.type == "cuda"):
-            ranker.static = StaticRecompute(ranker.engine, max_length=graph_tokens)
+            ranker.static = StaticRecompute(ranker.engine, max_length=graph_tokens, logit_ids=ranker.logit_ids)
         stores = [BlockStore.open_readonly(node_dir(cache_dir, node))]
         if (users_dir(cache_dir) / "index.lmdb").is_dir():
             stores.append(BlockStore.open_readonly(users_dir(cache_dir)))
