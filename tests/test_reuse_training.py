@@ -193,6 +193,16 @@ def test_finetune_records_its_template_and_serving_follows_it(tmp_path, tiny_mod
     train(again, dataset=data)
     assert model_template(tmp_path / "m2").link_tokens == 2
     assert open_ranker(str(tiny_models["llama"])).builder.template.link_tokens == 0
+    # --instruction: a shorter question, recorded and served, links kept from the start model
+    short = TrainSettings(**{**again.__dict__, "out": tmp_path / "m3", "model": str(tmp_path / "m2"),
+                             "instruction": "\nAnswer:"})
+    train(short, dataset=data)
+    ranker = open_ranker(str(tmp_path / "m3"))
+    assert (ranker.builder.template.instruction, ranker.builder.template.link_tokens) == ("\nAnswer:", 2)
+    segments, _ = ranker.segments(["a"], ["b", "c"])
+    assert ranker.builder.tokenizer.decode(segments[-1].token_ids) == "\nAnswer:"
+    with pytest.raises(ValueError, match="--instruction: empty"):
+        TrainSettings(**{**short.__dict__, "instruction": "  "}).check()
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])

@@ -64,6 +64,11 @@ def finetune(
         "where a model trained for reuse compares each item with the history (default: the start model's template, "
         "else 0). Recorded in the model folder; caches and serving follow it.",
     ),
+    instruction: Optional[str] = typer.Option(
+        None, help="The text after the last candidate, which the answer letter follows (\\n: a newline). It is "
+        "recomputed for every request, so a short one (e.g. '\\nAnswer:') leaves less to recompute (default: the "
+        "start model's template's, else the built-in one). Recorded in the model folder; serving follows it.",
+    ),
     teacher: Optional[str] = typer.Option(
         None, help="Distil block-aware steps from this model's plain prefill of the same prompt (e.g. a causal "
         "fine-tune): KL of the label distributions plus the hidden states of the fresh tokens. Default: no teacher.",
@@ -102,7 +107,8 @@ def finetune(
         out=out, dataset=dataset, model=model, method=method, steps=steps, batch=batch, lr=lr, history=history,
         candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
         val_users=val_users, lora_rank=lora_rank, amp=amp, schedule=schedule, train_layers=train_layers, recent=recent,
-        link_tokens=link_tokens, teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
+        link_tokens=link_tokens, instruction=None if instruction is None else instruction.replace("\\n", "\n"),
+        teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
         temperature=temperature, match_weight=match_weight, curriculum=curriculum, tail_floor=tail_floor, data_dir=data_dir, resume=resume,
     )
     k = headline_hit_rate(candidates)

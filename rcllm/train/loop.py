@@ -64,12 +64,13 @@ from rcllm.train.validate import baselines, validate
 
 def _template(lm: LoadedModel, settings: TrainSettings) -> PromptTemplate:
     """The prompt template of the run: the start model's (a folder from an earlier run records
-    its own), with ``--link-tokens`` when given."""
+    its own), with ``--link-tokens`` and ``--instruction`` when given."""
     start = (model_template(lm.path) if os.path.isdir(lm.path) else None) or PromptTemplate()
-    if settings.link_tokens is None or settings.link_tokens == start.link_tokens:
-        return start
     data = start.to_dict()
-    data["link_tokens"] = settings.link_tokens
+    if settings.link_tokens is not None:
+        data["link_tokens"] = settings.link_tokens
+    if settings.instruction is not None:
+        data["instruction"] = settings.instruction
     return PromptTemplate.from_dict(data)
 
 

@@ -22,7 +22,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
 RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
                "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers", "recent", "link_tokens",
-               "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum", "tail_floor")  # fmt: skip
+               "instruction", "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum", "tail_floor")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
 LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
 DISTILL_LOSS = (
@@ -56,6 +56,7 @@ class TrainSettings:
     train_layers: int = 0  # train only the top N decoder layers (0: all)
     recent: int = 10  # examples from each user's K latest training positions, users drawn uniformly (0: all)
     link_tokens: int | None = None  # fresh link tokens after each item (None: the start model's template, else 0)
+    instruction: str | None = None  # the text after the last candidate (None: the start model's template's)
     teacher: str | None = None  # a model whose plain prefill block-aware steps are distilled from
     distill_weight: float = 1.0
     hidden_weight: float = 1.0
@@ -93,6 +94,8 @@ class TrainSettings:
                 raise ValueError(f"{name} must be at least 1")
         if self.link_tokens is not None and not 0 <= self.link_tokens <= 16:
             raise ValueError(f"--link-tokens {self.link_tokens}: between 0 and 16 fresh tokens after each item")
+        if self.instruction is not None and not self.instruction.strip():
+            raise ValueError("--instruction: empty; the answer letter follows it, so it needs at least one token")
         if self.teacher is not None and self.block_aware == "off":
             raise ValueError("--teacher distils block-aware steps: pass --block-aware on or mix with it")
         if min(self.distill_weight, self.hidden_weight, self.match_weight) < 0 or self.temperature <= 0:
