@@ -1,4 +1,5 @@
-"""``rcllm build-cache --node K`` and ``--user-blocks``: build one store of a planned cache.
+"""``rcllm build-cache --node K`` and ``--user-blocks [--part K]``: build one store of a planned
+cache (or every part of its history blocks).
 
 A store is built from the planned folder alone (manifest, placement, catalog copy, histories
 copy), so N machines can each build one node of a shared or copied folder at once. A builder
@@ -30,7 +31,17 @@ from rcllm.engine.api import DTYPES, open_ranker
 from rcllm.engine.ranker import Ranker
 from rcllm.files import file_sha256
 from rcllm.store import BlockStore, IncompatibleCacheError, Manifest, check_compatible, node_dir, placement_dir, users_dir
-from rcllm.store.built import USERS_STORE, clear_built, keys_digest, node_store, store_root, store_state, write_built
+from rcllm.store.built import (
+    clear_built,
+    keys_digest,
+    node_store,
+    store_root,
+    store_state,
+    user_part,
+    user_parts,
+    user_stores,
+    write_built,
+)
 from rcllm.store.layout import CATALOG_COPY, HISTORIES_COPY
 from rcllm.store.manifest import stored_kv_dtype
 
@@ -39,7 +50,7 @@ from rcllm.store.manifest import stored_kv_dtype
 class StoreBuild:
     """What building one store did: its completion record, and the blocks computed and reused."""
 
-    store: str  # node-<k> or users
+    store: str  # node-<k>, users or users-<k>
     computed: int
     reused: int
     seconds: float
@@ -110,23 +121,37 @@ def build_node(
 
 def build_users(
     out: Path, options: BuildOptions | None = None, reporter: Reporter | None = None,
-    ranker: Ranker | None = None, catalog: Path | None = None,
-) -> StoreBuild:
+    ranker: Ranker | None = None, catalog: Path | None = None, part: int | None = None,
+) -> list[StoreBuild]:
     """Compute the replicated history blocks of the plan at ``out`` (of the histories copied at
-    planning; none planned: an empty store). Same options and checks as :func:`build_node`."""
+    planning; none planned: an empty store): part ``part`` of them only, or (None) every part in
+    turn, one store each. Same options and checks as :func:`build_node`; every part's planned
+    keys are checked before any is built."""
     out = Path(out)
     manifest = load_plan(out)
+    parts = user_parts(manifest)
+    if part is not None and not 0 <= part < parts:
+        whole = f" (one part: `rcllm build-cache --user-blocks --out {out}` builds it)" if parts == 1 else ""
+        raise ValueError(f"--part {part}: the cache at {out} splits its history blocks into parts 0..{parts - 1}{whole}")
     options = options or plan_options(out)
     items = _planned_catalog(out, manifest, catalog)
     ranker = _planned_ranker(manifest, options, ranker)
     copy = users_dir(out) / HISTORIES_COPY
     users = load_histories(copy, items=items, strict=True)[0] if copy.is_file() else {}
     length = int(manifest.users.get("history", 0))
-    wanted = {}
-    for history in users.values():
-        ids = history_block_ids(ranker, items, history, length)
-        wanted[key_for(ranker, ids)] = ids
-    return _build_store(ranker, out, USERS_STORE, wanted, manifest, options, reporter or Reporter(), "history KV blocks")
+    todo = list(range(parts)) if part is None else [part]
+    wanted: dict[int, dict] = {k: {} for k in todo}
+    for user, history in users.items():
+        k = user_part(user, parts)
+        if k in wanted:  # only this part's users are tokenized
+            ids = history_block_ids(ranker, items, history, length)
+            wanted[k][key_for(ranker, ids)] = ids
+    names = user_stores(manifest)
+    for k in todo:
+        _check_planned(out, names[k], wanted[k], manifest)
+    reporter = reporter or Reporter()
+    return [_build_store(ranker, out, names[k], wanted[k], manifest, options, reporter,
+                         "history KV blocks" + (f", part {k} of 0..{parts - 1}" if parts > 1 else "")) for k in todo]
 
 
 def _planned_catalog(out: Path, manifest: Manifest, catalog: Path | None) -> dict[str, dict]:
@@ -160,13 +185,7 @@ def _build_store(
 ) -> StoreBuild:
     """Fill store ``name`` with ``wanted`` (key -> token ids), dropping other blocks, then record
     it built. The plan's keys for the store are checked first: a mismatch changes nothing."""
-    planned = manifest.stores.get(name)
-    if planned is None or keys_digest(wanted) != planned["keys_sha256"]:
-        raise IncompatibleCacheError(
-            f"the {len(wanted)} blocks this build would put in {name} are not the {planned and planned['blocks']} "
-            f"the plan at {out} puts there (another model, template or history length than the plan's?): "
-            f"build with the plan's model, or plan again"
-        )
+    _check_planned(out, name, wanted, manifest)
     started = time.perf_counter()
     root = store_root(out, name)
     advance = reporter.phase(phase, len(wanted))
@@ -181,6 +200,17 @@ def _build_store(
             "device": options.device, "batch_size": options.batch_size,
         })
     return StoreBuild(name, computed, reused, seconds, record)
+
+
+def _check_planned(out: Path, name: str, wanted: dict, manifest: Manifest) -> None:
+    """Refuse to build store ``name`` with other blocks than the plan's for it."""
+    planned = manifest.stores.get(name)
+    if planned is None or keys_digest(wanted) != planned["keys_sha256"]:
+        raise IncompatibleCacheError(
+            f"the {len(wanted)} blocks this build would put in {name} are not the {planned and planned['blocks']} "
+            f"the plan at {out} puts there (another model, template or history length than the plan's?): "
+            f"build with the plan's model, or plan again"
+        )
 
 
 def record_stores(out: Path, manifest: Manifest, names: list[str], step: str) -> None:

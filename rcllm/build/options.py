@@ -26,6 +26,9 @@ class BuildOptions:
     nodes: int = 2
     model: str = DEFAULT_MODEL
     users: Path | None = None
+    # Stores the history blocks are split into, each built on its own (``--user-blocks --part K``):
+    # a user's block goes to part rcllm.store.built.user_part(user id, user_parts); 1: one store, users/.
+    user_parts: int = 1
     interactions: Path | None = None
     device: str = "cpu"
     dtype: str = "fp32"

@@ -3,11 +3,11 @@
 
 The one-command build is the plan (:mod:`rcllm.build.plan`: validate, embed, cluster, place,
 describe) followed by every store's build (:mod:`rcllm.build.nodes`: each node's item blocks,
-then the replicated history blocks) in this process: the same functions ``--plan``, ``--node K``
-and ``--user-blocks`` run one by one, anywhere. Every step is resumable: placement is saved
-before any KV is computed, blocks are content-addressed and skipped when already durable in a
-store, and a store records itself built last. A validation error stops the build before anything
-on disk is touched.
+then the replicated history blocks, part by part) in this process: the same functions
+``--plan``, ``--node K`` and ``--user-blocks [--part K]`` run one by one, anywhere. Every step is
+resumable: placement is saved before any KV is computed, blocks are content-addressed and skipped
+when already durable in a store, and a store records itself built last. A validation error stops
+the build before anything on disk is touched.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class BuildReport:
 
 
 def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None = None, ranker: Ranker | None = None) -> BuildReport:
-    """Plan the cache, then build every node's store and the users store, in this process."""
+    """Plan the cache, then build every node's store and the history blocks' stores, in this process."""
     reporter = reporter or Reporter()
     out = Path(options.out)
     t0 = time.perf_counter()
@@ -86,7 +86,7 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
     builds: list[StoreBuild] = [build_node(out, k, options, reporter, ranker) for k in range(options.nodes)]
     seconds["item_kv"] = time.perf_counter() - t
     t = time.perf_counter()
-    builds.append(build_users(out, options, reporter, ranker))
+    builds += build_users(out, options, reporter, ranker)  # every part of the history blocks
     seconds["history_kv"] = time.perf_counter() - t
     placement, _, _ = committed_placement(placement_dir(out))
     nodes = node_summary(out, placement, options.nodes)

@@ -1,6 +1,10 @@
 """``rcllm build-cache --plan``: validate, embed (or read the user's vectors), cluster and place,
 and describe the cache: everything but KV.
 
+The history blocks are planned into ``--user-parts`` stores (``users``, or ``users-0`` ..
+``users-<N-1>``), a user's block in part :func:`~rcllm.store.built.user_part` (a stable hash of the
+user id, balanced by user count in expectation), each built apart like a node's store.
+
 The plan writes, in order: the placement (``placement/``: the vectors, each item's cluster and
 node, the item ids and block keys), the catalog copy, the users' histories copy, then the
 manifest, which says what every store holds once built. The stores are then built from the
@@ -33,7 +37,7 @@ from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import Ranker
 from rcllm.files import file_sha256, write_file
 from rcllm.store import Manifest, check_compatible, default_nodes, model_record, placement_dir, users_dir
-from rcllm.store.built import USERS_STORE, expected_store, node_store
+from rcllm.store.built import USERS_STORE, expected_store, node_store, user_part, user_part_store
 from rcllm.store.codec import check_kv_dtype, kv_dtype_of
 from rcllm.store.layout import CATALOG_COPY, EMBEDDINGS, HISTORIES_COPY, ITEM_IDS, ITEM_KEYS
 from rcllm.store.manifest import MANIFEST_NAME
@@ -51,6 +55,7 @@ class PlanReport:
     imbalance: float
     embeddings: dict  # where the vectors placed by came from (the manifest's placement record)
     kv_dtype: str  # how the stores will keep KV
+    user_parts: list[dict] = field(default_factory=list)  # per part of the history blocks: part, users, blocks, tokens
     notes: list[str] = field(default_factory=list)
 
 
@@ -62,6 +67,11 @@ def plan_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None =
     t0 = time.perf_counter()
     if options.nodes < 1:
         raise ValueError("--nodes must be at least 1")
+    if options.user_parts < 1:
+        raise ValueError("--user-parts must be at least 1")
+    if options.user_parts > 1 and not options.users:
+        raise ValueError(f"--user-parts {options.user_parts} splits the history blocks of --users histories.jsonl, "
+                         "and none is given: add --users, or leave --user-parts out")
     ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype)
     lm = ranker.engine.lm
     kv_dtype = check_kv_dtype(options.kv_dtype) if options.kv_dtype else kv_dtype_of(lm.dtype)
@@ -118,10 +128,14 @@ def plan_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None =
     write_catalog(items, out / CATALOG_COPY)
     write_histories(users, users_dir(out) / HISTORIES_COPY)
 
-    user_blocks = {}
-    for history in users.values():
+    parts = options.user_parts
+    user_blocks: list[dict[str, int]] = [{} for _ in range(parts)]  # per part: key -> tokens
+    part_users = [0] * parts
+    for user, history in users.items():
         ids = history_block_ids(ranker, by_id, history, options.history)
-        user_blocks[key_for(ranker, ids)] = int(ids.numel())
+        k = user_part(user, parts)
+        user_blocks[k][key_for(ranker, ids)] = int(ids.numel())
+        part_users[k] += 1
     index = {item_id: n for n, item_id in enumerate(item_ids)}
     quality = _quality(embeddings, item_ids, placement.item_node, _rows(sequences, index), options.nodes, options.seed)
     seconds["total"] = time.perf_counter() - t0
@@ -134,15 +148,19 @@ def plan_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None =
     manifest.placement = placement_summary(placement, embedder, options.seed, source)
     manifest.items = {"count": len(items), "tokens": int(tokens.sum()), "catalog_sha256": file_sha256(out / CATALOG_COPY),
                       "source_sha256": file_sha256(catalog), "max_item_tokens": options.max_item_tokens}
-    manifest.users = {"count": len(users), "history": options.history}
-    manifest.stores = {**planned_node_stores(placement, keys), USERS_STORE: expected_store(user_blocks)}
+    manifest.users = {"count": len(users), "history": options.history, **({"parts": parts} if parts > 1 else {})}
+    user_stores = {USERS_STORE: expected_store(user_blocks[0])} if parts == 1 else {
+        user_part_store(k): expected_store(blocks) for k, blocks in enumerate(user_blocks)}
+    manifest.stores = {**planned_node_stores(placement, keys), **user_stores}
     manifest.build = {"seconds": {k: round(v, 3) for k, v in seconds.items()}, "quality": quality,
                       "expected_bytes_per_token": expected_bytes_per_token(ranker, kv_dtype), "device": options.device}
     manifest.save(out)
     nodes = [{"node": k, "items": int((placement.item_node == k).sum()), "tokens": manifest.stores[node_store(k)]["tokens"],
               "blocks": manifest.stores[node_store(k)]["blocks"]} for k in range(options.nodes)]
     return PlanReport(out=out, items=len(items), users=len(users), nodes=nodes, seconds=seconds, quality=quality,
-                      imbalance=placement.imbalance(), embeddings=source, kv_dtype=kv_dtype)
+                      imbalance=placement.imbalance(), embeddings=source, kv_dtype=kv_dtype,
+                      user_parts=[{"part": k, "store": name, "users": part_users[k], "blocks": planned["blocks"],
+                                   "tokens": planned["tokens"]} for k, (name, planned) in enumerate(user_stores.items())])
 
 
 def planned_node_stores(placement: Placement, keys: list[str]) -> dict[str, dict]:

@@ -17,7 +17,7 @@ DEFAULT_CACHE = Path("rcllm-cache")
 
 
 # Set when planning; building a node or the history blocks takes them from the plan.
-PLANNED_OPTIONS = ("nodes", "users", "interactions", "kv_dtype", "embedder", "embeddings", "embedding_ids",
+PLANNED_OPTIONS = ("nodes", "users", "user_parts", "interactions", "kv_dtype", "embedder", "embeddings", "embedding_ids",
                    "max_item_tokens", "history", "seed")
 
 
@@ -30,6 +30,9 @@ def build_cache_command(
     nodes: int = typer.Option(2, min=1, help="Serving nodes to shard the item blocks across."),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP + " With --node/--user-blocks: the plan's, unless given."),
     users: Optional[Path] = typer.Option(None, help="histories.jsonl: user histories to precompute (replicated to every node). Default: none, item blocks only."),
+    user_parts: int = typer.Option(1, "--user-parts", min=1, help="Split the --users history blocks into N stores "
+                                   "(users-0 .. users-<N-1>, by a stable hash of the user id), each built on its own "
+                                   "with --user-blocks --part K (set when planning). Default 1: one store, users/."),
     interactions: Optional[Path] = typer.Option(None, help="interactions.jsonl: keeps items that co-occur on one node. Default: none, placement by similarity only."),
     append: bool = typer.Option(False, help="Add new (cold-start) items to an existing cache: no rebuild."),
     plan: bool = typer.Option(False, "--plan", help="Only validate, embed, cluster, place and write the manifest, no KV; "
@@ -38,7 +41,10 @@ def build_cache_command(
     node: Optional[int] = typer.Option(None, min=0, help="Build only node K's item blocks of the cache planned in --out "
                                        "(a rerun resumes). Default: plan, then build every node and the history blocks."),
     user_blocks: bool = typer.Option(False, "--user-blocks", help="Build only the replicated history blocks of the cache "
-                                     "planned in --out (the --users histories given when planning)."),
+                                     "planned in --out (the --users histories given when planning): every part in turn, "
+                                     "or only --part K."),
+    part: Optional[int] = typer.Option(None, "--part", min=0, help="With --user-blocks: build only part K of the history "
+                                       "blocks (a plan with --user-parts N has parts 0..N-1; a rerun resumes). Default: every part in turn."),
     embedder: str = typer.Option("minilm", help="Item embedder for placement: minilm | llm | a sentence-encoder folder."),
     embeddings: Optional[Path] = typer.Option(
         None, help="Your item vectors to place by, instead of embedding the texts: .npy (row ids in a JSON list, "
@@ -57,7 +63,8 @@ def build_cache_command(
 ) -> None:
     """Validate a catalog, embed, cluster and place it on nodes, precompute item and history KV blocks.
 
-    Or one step at a time: --plan once, then --node K for each node and --user-blocks, anywhere.
+    Or one step at a time: --plan once, then --node K for each node and --user-blocks (or --user-blocks
+    --part K for each part of --user-parts), anywhere.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -68,6 +75,9 @@ def build_cache_command(
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name).name != "DEFAULT"
 
+    if part is not None and not user_blocks:
+        fail(f"--part {part} picks a part of the history blocks: use it with --user-blocks "
+             f"(`rcllm build-cache --user-blocks --part {part} --out {out}`)")
     steps = [flag for flag, on in (("--plan", plan), ("--node", node is not None), ("--user-blocks", user_blocks),
                                    ("--append", append)) if on]
     if len(steps) > 1:
@@ -91,21 +101,21 @@ def build_cache_command(
             options = BuildOptions(
                 out=out, nodes=nodes, model=model, users=users, interactions=interactions, device=device, dtype=dtype,
                 kv_dtype=kv_dtype, embedder=embedder, embeddings=embeddings, embedding_ids=embedding_ids,
-                max_item_tokens=max_item_tokens, history=history, batch_size=batch_size, seed=seed,
+                max_item_tokens=max_item_tokens, history=history, batch_size=batch_size, seed=seed, user_parts=user_parts,
             )
         with Progress(*columns, console=err) as progress:
             reporter = RichReporter(progress)
             if node is not None:
                 report = build_node(out, node, options, reporter, catalog=catalog)
             elif user_blocks:
-                report = build_users(out, options, reporter, catalog=catalog)
+                report = build_users(out, options, reporter, catalog=catalog, part=part)
             else:
                 report = {"--plan": plan_cache, "--append": append_items}.get(steps[0] if steps else "", build_cache)(
                     catalog, options, reporter)
     except (DataFormatError, IncompatibleCacheError, FileNotFoundError, ValueError, StoreBusyError) as e:
         fail(str(e))
     if one_store:
-        _print_store_build(out, report)
+        _print_store_builds(out, report if isinstance(report, list) else [report])
     elif plan:
         _print_plan_report(report)
     else:
@@ -136,19 +146,27 @@ def _print_plan_report(report) -> None:
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     console.print(f"placed by {placed_by}; token imbalance {report.imbalance:.1%}; {phases}")
     last = len(report.nodes) - 1
+    parts = len(report.user_parts)
+    if parts > 1:
+        console.print("history blocks in " + ", ".join(
+            f"{p['store']} ({p['users']} users, {p['blocks']} blocks, {p['tokens']} tokens)" for p in report.user_parts))
+        users_step = f"`rcllm build-cache --user-blocks --part P --out {report.out}` for P = 0..{parts - 1}"
+    else:
+        users_step = f"`rcllm build-cache --user-blocks --out {report.out}`"
     console.print(f"next, on any machines that share or copy {report.out}: `rcllm build-cache --node K --out {report.out}` "
-                  f"for K = 0..{last} and `rcllm build-cache --user-blocks --out {report.out}`")
+                  f"for K = 0..{last} and {users_step}")
 
 
-def _print_store_build(out: Path, build) -> None:
+def _print_store_builds(out: Path, builds: list) -> None:
     from rcllm.store import Manifest, store_states
 
-    record = build.record
-    console.print(
-        f"{build.store} built: {record['blocks']} blocks (computed {build.computed}, reused {build.reused}), "
-        f"{record['tokens']} tokens, {record['bytes'] / 2**20:.1f} MiB in {build.seconds:.1f}s; "
-        f"blocks digest {record['checksums_sha256'][:16]}"
-    )
+    for build in builds:
+        record = build.record
+        console.print(
+            f"{build.store} built: {record['blocks']} blocks (computed {build.computed}, reused {build.reused}), "
+            f"{record['tokens']} tokens, {record['bytes'] / 2**20:.1f} MiB in {build.seconds:.1f}s; "
+            f"blocks digest {record['checksums_sha256'][:16]}"
+        )
     states = store_states(out, Manifest.load(out))
     waiting = [s.name for s in states if s.needed and not s.built]
     built = [s.name for s in states if s.built]

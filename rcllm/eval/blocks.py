@@ -37,7 +37,7 @@ from rcllm.engine.blocks import BlockKV
 from rcllm.engine.models import user_cache_dir
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import Ranker, block_key
-from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, users_dir
+from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, store_root, user_stores
 from rcllm.store.manifest import MANIFEST_NAME
 
 # Disk a stored block takes beyond its K, V and token ids: its tensors' entries in the shard's
@@ -146,12 +146,14 @@ def check_disk(plan: BlockPlan) -> None:
 
 def open_built_cache(cache: Path, ranker: Ranker) -> list[BlockStore]:
     """Read-only stores of a cache built by ``rcllm build-cache`` (its node stores, then the
-    replicated users store), after checking that this model and template may use its blocks.
-    A store not built yet is skipped: eval computes what it would have held."""
+    replicated history blocks' store, or each of its parts), after checking that this model and
+    template may use its blocks. A store not built yet is skipped: eval computes what it would
+    have held."""
     manifest = Manifest.load(cache)
     check_compatible(manifest, ranker.engine.lm, ranker.builder.template.to_dict())
     stores = []
-    for folder in [node_dir(cache, n["node"]) for n in manifest.nodes] + [users_dir(cache)]:
+    users = [store_root(cache, name) for name in user_stores(manifest)]
+    for folder in [node_dir(cache, n["node"]) for n in manifest.nodes] + users:
         try:
             stores.append(BlockStore.open_readonly(folder))
         except FileNotFoundError:

@@ -31,8 +31,8 @@ from rcllm.engine.ranker import Ranker
 from rcllm.serve.costs import EWMA, CostModel, kv_bytes_per_token
 from rcllm.serve.directory import ItemDirectory
 from rcllm.serve.schema import CacheStats, RecommendRequest, RecommendResponse, check_known, make_response
-from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, require_built, users_dir
-from rcllm.store.built import USERS_STORE, node_store
+from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, require_built, store_root, user_stores, users_dir
+from rcllm.store.built import node_store
 from rcllm.store.layout import CATALOG_COPY, HISTORIES_COPY
 from rcllm.store.manifest import stored_kv_dtype
 from rcllm.store.tiered import TieredBlockSource
@@ -117,13 +117,15 @@ class NodeRunner:
         if cuda_graphs not in CUDA_GRAPHS:
             raise ValueError(f"--cuda-graphs {cuda_graphs!r}: expected one of {', '.join(CUDA_GRAPHS)}")
         # a node not (completely) built would serve with blocks missing: refuse, saying how to finish it
-        require_built(cache_dir, data.manifest, [node_store(node), USERS_STORE])
+        # (and every part of the history blocks: a user's block is in one part only)
+        require_built(cache_dir, data.manifest, [node_store(node), *user_stores(data.manifest)])
         ranker = open_cache_ranker(data.manifest, model, device)
         if cuda_graphs == "on" or (cuda_graphs == "auto" and ranker.engine.device.type == "cuda"):
             ranker.static = StaticRecompute(ranker.engine, max_length=graph_tokens, logit_ids=ranker.logit_ids)
         stores = [BlockStore.open_readonly(node_dir(cache_dir, node))]
-        if (users_dir(cache_dir) / "index.lmdb").is_dir():
-            stores.append(BlockStore.open_readonly(users_dir(cache_dir)))
+        for name in user_stores(data.manifest):  # empty ones (no histories planned) were never opened
+            if (store_root(cache_dir, name) / "index.lmdb").is_dir():
+                stores.append(BlockStore.open_readonly(store_root(cache_dir, name)))
         return cls(ranker, node, data, stores, hot_bytes, policy)
 
     def close(self) -> None:

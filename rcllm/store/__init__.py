@@ -15,7 +15,7 @@ from rcllm.store.manifest import (
     placement_dir,
     users_dir,
 )
-from rcllm.store.built import StoreNotBuiltError, require_built, store_states
+from rcllm.store.built import StoreNotBuiltError, require_built, store_root, store_states, user_stores
 from rcllm.store.layout import cache_info
 from rcllm.store.codec import KV_DTYPES, CorruptBlockError, block_from_bytes, block_to_bytes
 from rcllm.store.shards import BlockStore, StoreBusyError
@@ -23,5 +23,5 @@ from rcllm.store.shards import BlockStore, StoreBusyError
 __all__ = [
     "KV_DTYPES", "BlockStore", "CorruptBlockError", "IncompatibleCacheError", "Manifest", "StoreNotBuiltError", "StoreBusyError",
     "block_from_bytes", "block_to_bytes", "cache_info", "check_compatible", "default_nodes", "model_record",
-    "node_dir", "placement_dir", "require_built", "store_states", "users_dir",
+    "node_dir", "placement_dir", "require_built", "store_root", "store_states", "user_stores", "users_dir",
 ]

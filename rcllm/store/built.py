@@ -11,6 +11,13 @@ file and a copied store folder carries its own proof of completion.
 
 A store is built when its record describes what the plan asks of it, for the plan's model. A
 builder removes the record before it changes the store, so a killed build leaves none: half-built.
+
+The history blocks are one store, ``users/``, or, planned with ``--user-parts N`` (N > 1), N stores
+``users-0/`` .. ``users-<N-1>/`` built apart like node stores: user u's history block goes to
+part :func:`user_part` (u, N), a stable hash of the user id (not of its history), so each part's
+builder reads only its own users' histories, parts are balanced by user count in expectation,
+and planning again with more users never moves a user to another part. Two users of different
+parts with the same recent history each have the block in their part.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from rcllm.store.shards import BlockStore
 
 BUILT_RECORD = "built.json"
 USERS_STORE = "users"
+USER_PART_PREFIX = "users-"  # part k of the history blocks: store (and folder) users-<k>
 
 
 class StoreNotBuiltError(ValueError):
@@ -37,6 +45,34 @@ class StoreNotBuiltError(ValueError):
 def node_store(k: int) -> str:
     """The name of node k's store in ``Manifest.stores`` (its folder's name)."""
     return node_dir(Path(), k).name
+
+
+def user_part_store(k: int) -> str:
+    """The name (and folder) of part k of the history blocks, when there are several parts."""
+    return f"{USER_PART_PREFIX}{k}"
+
+
+def user_parts(manifest: Manifest) -> int:
+    """Into how many stores the plan splits the history blocks (1: the one store ``users``)."""
+    return int(manifest.users.get("parts", 1))
+
+
+def user_stores(manifest: Manifest) -> list[str]:
+    """The stores that hold the history blocks: ``users``, or ``users-0`` .. ``users-<N-1>``."""
+    parts = user_parts(manifest)
+    return [USERS_STORE] if parts == 1 else [user_part_store(k) for k in range(parts)]
+
+
+def user_part(user_id: str, parts: int) -> int:
+    """The part whose store holds user ``user_id``'s history block: the first 8 bytes of the
+    sha256 of the id, modulo ``parts`` (stable across processes, machines and plans)."""
+    if parts == 1:
+        return 0
+    return int.from_bytes(hashlib.sha256(str(user_id).encode()).digest()[:8], "big") % parts
+
+
+def is_user_store(name: str) -> bool:
+    return name == USERS_STORE or (name.startswith(USER_PART_PREFIX) and name[len(USER_PART_PREFIX):].isdigit())
 
 
 def keys_digest(keys: Iterable[str]) -> str:
@@ -95,7 +131,7 @@ def read_built(root: Path) -> dict | None:
 
 @dataclass
 class StoreState:
-    name: str  # node-<k> or users
+    name: str  # node-<k>, users or users-<k>
     built: bool
     needed: bool  # False: the plan puts no block in it (a cache without user histories)
     reason: str  # why not built, in words; "" when built
@@ -116,7 +152,7 @@ def store_state(cache_dir: Path, manifest: Manifest, name: str) -> StoreState:
     root = store_root(cache_dir, name)
     expected = manifest.stores.get(name)
     record = read_built(root)
-    needed = name != USERS_STORE or not expected or expected["blocks"] > 0
+    needed = not is_user_store(name) or not expected or expected["blocks"] > 0
     if expected is None:
         reason = ("the manifest plans no stores (a cache from an older rcllm): rerun `rcllm build-cache CATALOG "
                   "--out DIR` on it, which reuses every stored block and records each store")
@@ -144,14 +180,19 @@ def _held_blocks(root: Path) -> int:
 
 
 def store_states(cache_dir: Path, manifest: Manifest) -> list[StoreState]:
-    """Every store of the cache, nodes in order, then the users store."""
-    names = [node_store(n["node"]) for n in manifest.nodes] + [USERS_STORE]
+    """Every store of the cache, nodes in order, then the history blocks' store (or parts, in order)."""
+    names = [node_store(n["node"]) for n in manifest.nodes] + user_stores(manifest)
     return [store_state(cache_dir, manifest, name) for name in names]
 
 
 def build_command(cache_dir: Path, name: str) -> str:
     """The command that builds (or finishes) store ``name``."""
-    step = "--user-blocks" if name == USERS_STORE else f"--node {name.removeprefix('node-')}"
+    if name == USERS_STORE:
+        step = "--user-blocks"
+    elif is_user_store(name):
+        step = f"--user-blocks --part {name.removeprefix(USER_PART_PREFIX)}"
+    else:
+        step = f"--node {name.removeprefix('node-')}"
     return f"rcllm build-cache {step} --out {cache_dir}"
 
 

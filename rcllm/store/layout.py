@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rcllm.store.built import USERS_STORE, build_command, node_store, store_root, store_states
+from rcllm.store.built import build_command, is_user_store, node_store, store_root, store_states
 from rcllm.store.manifest import Manifest
 from rcllm.store.shards import BlockStore
 
@@ -23,7 +23,7 @@ EMBEDDINGS = "embeddings.npy"
 
 def cache_info(cache: Path) -> dict:
     """The manifest and every store's state and statistics (node stores with their address, then
-    the users store): ``state`` is built, not built or nothing to build, ``reason`` says why not
+    the history blocks' store, or its parts): ``state`` is built, not built or nothing to build, ``reason`` says why not
     built and ``command`` what builds it, ``record`` is the store's completion record; a store not
     started has zero statistics."""
     out = Path(cache)
@@ -31,7 +31,7 @@ def cache_info(cache: Path) -> dict:
     addresses = {node_store(n["node"]): f"{n['host']}:{n['port']}" for n in manifest.nodes}
     stores = []
     for state in store_states(out, manifest):
-        row = {"name": "users (replicated)" if state.name == USERS_STORE else state.name}
+        row = {"name": f"{state.name} (replicated)" if is_user_store(state.name) else state.name}
         if state.name in addresses:
             row["address"] = addresses[state.name]
         row.update(state=state.label, reason=state.reason, record=state.record, **_stats(store_root(out, state.name)))
