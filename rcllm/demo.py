@@ -245,7 +245,6 @@ def _prefix_baseline(cache: Path, dataset: Dataset, requests: list[RankingReques
     import torch
 
     from rcllm.engine.prefix_cache import PrefixSystem
-    from rcllm.engine.prompt import item_text
     from rcllm.serve.runner import open_cache_ranker
     from rcllm.store import Manifest
 
@@ -253,7 +252,7 @@ def _prefix_baseline(cache: Path, dataset: Dataset, requests: list[RankingReques
     torch.set_num_threads(threads)
     try:
         ranker = open_cache_ranker(Manifest.load(cache))
-        texts = {i: item_text(item) for i, item in dataset.items.items()}
+        texts = {i: ranker.builder.item_text(item) for i, item in dataset.items.items()}
         system = PrefixSystem(ranker, 256 << 20)
         ranker.label_prior(min(len(requests[0].candidates), ranker.builder.max_candidates))
         run = SystemRun("prefix", "in-process", [])

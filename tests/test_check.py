@@ -417,3 +417,17 @@ def test_check_command_rejects_a_bad_policy_and_a_missing_model(tmp_path, monkey
     result = invoke("check", "--model", str(tmp_path / "nope"), "--policy", "boundary:x")
     assert result.exit_code == 2
     assert "error" in result.output
+
+
+def test_cases_take_the_item_text_of_the_rankers_template():
+    """sample_cases writes items as the ranker's template does: with categories last, every
+    history and candidate text is title; description; category."""
+    from rcllm.data.synthetic import THEMES
+
+    data = make_synthetic()
+    cases = sample_cases(data, n_prompts=3, history=4, candidates=5, seed=0,
+                         text=lambda item: item_text(item, categories_last=True))
+    for case in cases:
+        for text in case.history + case.candidates:
+            title, description, categories = text.split("; ")
+            assert description.startswith("A ") and categories in THEMES

@@ -201,6 +201,14 @@ def test_finetune_records_its_template_and_serving_follows_it(tmp_path, tiny_mod
     assert (ranker.builder.template.instruction, ranker.builder.template.link_tokens) == ("\nAnswer:", 2)
     segments, _ = ranker.segments(["a"], ["b", "c"])
     assert ranker.builder.tokenizer.decode(segments[-1].token_ids) == "\nAnswer:"
+    # --categories-last: every item block ends with its categories, in training and serving alike
+    last = TrainSettings(**{**short.__dict__, "out": tmp_path / "m4", "model": str(tmp_path / "m3"),
+                            "instruction": None, "categories_last": True})
+    train(last, dataset=data)
+    ranker = open_ranker(str(tmp_path / "m4"))
+    assert ranker.builder.template.categories_last and ranker.builder.template.instruction == "\nAnswer:"
+    item = next(iter(data.items.values()))
+    assert ranker.builder.item_text(item).endswith("; " + ", ".join(item["categories"]))
     with pytest.raises(ValueError, match="--instruction: empty"):
         TrainSettings(**{**short.__dict__, "instruction": "  "}).check()
 

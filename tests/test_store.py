@@ -509,3 +509,13 @@ def test_check_compatible_names_both_sides_and_the_fix(tmp_path, lm, template, m
 
 def test_check_compatible_accepts_the_model_that_built_the_cache():
     check_compatible(sample_manifest(), running(), PromptTemplate().to_dict())
+
+
+def test_a_cache_built_before_a_template_field_existed_is_read_with_its_default():
+    """categories_last came after some caches: one whose manifest lacks it was built inline (the
+    field's default) and serves the default template, and is refused for categories-last."""
+    manifest = sample_manifest()
+    manifest.template = {k: v for k, v in PromptTemplate().to_dict().items() if k != "categories_last"}
+    check_compatible(manifest, running(), PromptTemplate().to_dict())
+    with pytest.raises(IncompatibleCacheError, match="fields that differ: categories_last"):
+        check_compatible(manifest, running(), PromptTemplate(categories_last=True).to_dict())

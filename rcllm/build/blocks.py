@@ -11,18 +11,17 @@ from collections.abc import Sequence
 
 from rcllm.engine.api import parse_dtype
 from rcllm.engine.blocks import BlockKV
-from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import Ranker, block_key
 from rcllm.store import BlockStore
 
 
 def item_block_ids(ranker: Ranker, item: dict):
-    return ranker.builder.item_ids(item_text(item))
+    return ranker.builder.item_ids(ranker.builder.item_text(item))
 
 
 def history_block_ids(ranker: Ranker, items: dict[str, dict], history: Sequence[str], length: int):
     recent = list(history)[-length:] if length else []
-    return ranker.builder.history_ids([item_text(items[i]) for i in recent])
+    return ranker.builder.history_ids([ranker.builder.item_text(items[i]) for i in recent])
 
 
 def context_block(ranker: Ranker) -> BlockKV:

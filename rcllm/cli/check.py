@@ -77,7 +77,9 @@ def check(
     try:
         ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration)
         chosen = default_policy(ranker.engine.lm.path, ranker.engine.lm.fingerprint) if policy is None else None
-        cases = sample_cases(load_dataset(dataset, data_dir=data_dir), prompts, history, candidates, seed)
+        cases = sample_cases(
+            load_dataset(dataset, data_dir=data_dir), prompts, history, candidates, seed, text=ranker.builder.item_text
+        )
         report = run_check(
             ranker, cases, policy or chosen.policy, model, seed=seed, min_top1=min_top1, min_tau=min_tau,
             max_kl=max_kl, max_full_diff=max_logit_diff,

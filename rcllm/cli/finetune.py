@@ -69,6 +69,11 @@ def finetune(
         "recomputed for every request, so a short one (e.g. '\\nAnswer:') leaves less to recompute (default: the "
         "start model's template's, else the built-in one). Recorded in the model folder; serving follows it.",
     ),
+    categories_last: Optional[bool] = typer.Option(
+        None, "--categories-last/--categories-inline", help="Item text as 'title; description; categories', so each "
+        "item block ends with its categories and `tail:K` recomputes them (inline: 'title; categories; description'). "
+        "Default: the start model's template's, else inline. Recorded in the model folder; caches and serving follow it.",
+    ),
     teacher: Optional[str] = typer.Option(
         None, help="Distil block-aware steps from this model's plain prefill of the same prompt (e.g. a causal "
         "fine-tune): KL of the label distributions plus the hidden states of the fresh tokens. Default: no teacher.",
@@ -108,7 +113,7 @@ def finetune(
         candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
         val_users=val_users, lora_rank=lora_rank, amp=amp, schedule=schedule, train_layers=train_layers, recent=recent,
         link_tokens=link_tokens, instruction=None if instruction is None else instruction.replace("\\n", "\n"),
-        teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
+        categories_last=categories_last, teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
         temperature=temperature, match_weight=match_weight, curriculum=curriculum, tail_floor=tail_floor, data_dir=data_dir, resume=resume,
     )
     k = headline_hit_rate(candidates)

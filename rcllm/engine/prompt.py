@@ -50,6 +50,7 @@ class PromptTemplate:
     label: str = " {label}"
     link: str = " ~"  # the link token's text (one token), repeated link_tokens times after each item
     link_tokens: int = 0
+    categories_last: bool = False  # item text: title; description; categories (the tail tokens name the categories)
     instruction: str = "\n\nWhich candidate will the user choose next? Answer with its letter.\nAnswer:"
     content_free: str = "N/A"
 
@@ -76,8 +77,10 @@ def model_template(model_path: str | Path) -> PromptTemplate | None:
         raise ValueError(f"{path}: not a prompt template ({e}); delete it to use the default template") from e
 
 
-def item_text(item: Mapping, max_chars: int = 300) -> str:
-    """The text of an item block: title, year, categories and a short description."""
+def item_text(item: Mapping, max_chars: int = 300, categories_last: bool = False) -> str:
+    """The text of an item block: title, year, categories and a short description; with
+    ``categories_last``, the categories after the description, so that an item block ends with
+    them and a policy that recomputes each block's last tokens (``tail:K``) recomputes them."""
     title = str(item["title"]).strip()
     parts = [title]
     year = item.get("year")
@@ -89,7 +92,8 @@ def item_text(item: Mapping, max_chars: int = 300) -> str:
     description = item.get("text") or item.get("description")
     if description:
         description = " ".join(str(description).split())
-        parts.append(description[:max_chars].rstrip() + ("..." if len(description) > max_chars else ""))
+        description = description[:max_chars].rstrip() + ("..." if len(description) > max_chars else "")
+        parts.insert(1 if categories_last and categories else len(parts), description)
     return "; ".join(parts)
 
 
@@ -168,6 +172,10 @@ class PromptBuilder:
         body = "".join(t.history_line.format(text=h) for h in history) if history else ""
         text = (t.history_header + body if history else t.history_empty) + t.candidates_header
         return torch.tensor(self._encode(text))
+
+    def item_text(self, item: Mapping) -> str:
+        """An item's text in this template's field order (:func:`item_text`)."""
+        return item_text(item, categories_last=self.template.categories_last)
 
     def item_ids(self, text: str) -> torch.Tensor:
         return torch.tensor(self._encode(self.template.item.format(text=text)))

@@ -35,7 +35,6 @@ from rcllm.data.dataset import Dataset
 from rcllm.data.sampling import RankingRequest
 from rcllm.engine.blocks import BlockKV
 from rcllm.engine.models import user_cache_dir
-from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import Ranker, block_key
 from rcllm.store import BlockStore, Manifest, check_compatible, node_dir, store_root, user_stores
 from rcllm.store.manifest import MANIFEST_NAME
@@ -68,7 +67,7 @@ def needed_blocks(ranker: Ranker, dataset: Dataset, requests: Sequence[RankingRe
 
     def text(item: str) -> str:
         if item not in texts:
-            texts[item] = item_text(dataset.items[item])
+            texts[item] = builder.item_text(dataset.items[item])
         return texts[item]
 
     for r in requests:

@@ -19,7 +19,7 @@ import datetime
 import random
 import statistics
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,16 +50,17 @@ class PromptCase:
 
 
 def sample_cases(
-    dataset: Dataset, n_prompts: int, history: int, candidates: int, seed: int, negatives: str = "popularity"
+    dataset: Dataset, n_prompts: int, history: int, candidates: int, seed: int, negatives: str = "popularity",
+    text: Callable[[Mapping], str] = item_text,
 ) -> list[PromptCase]:
-    """Ranking prompts drawn from a dataset's leave-one-out requests, as item texts, with the
-    held-out item's slot."""
+    """Ranking prompts drawn from a dataset's leave-one-out requests, as item texts (``text``:
+    the ranker's, ``ranker.builder.item_text``), with the held-out item's slot."""
     requests = sample_requests(
         dataset, n_prompts, history=history, candidates=candidates, negatives=negatives, seed=seed
     )
     if not requests:
         raise ValueError(f"{dataset.name}: no user qualifies for a leave-one-out request")
-    texts = {i: item_text(item) for i, item in dataset.items.items()}
+    texts = {i: text(item) for i, item in dataset.items.items()}
     return [
         PromptCase([texts[i] for i in r.history], [texts[i] for i in r.candidates], r.candidates.index(r.positive))
         for r in requests
@@ -444,7 +445,9 @@ def run_gate(
 ) -> GateOutcome:
     """Sweep ``settings.policies`` on held-out requests of ``dataset`` and, unless the model is
     content-blind or no cheap policy meets the thresholds, write the choice into ``folder``."""
-    cases = sample_cases(dataset, settings.prompts, settings.history, settings.candidates, settings.seed)
+    cases = sample_cases(
+        dataset, settings.prompts, settings.history, settings.candidates, settings.seed, text=ranker.builder.item_text
+    )
     sweep = run_sweep(ranker, cases, settings.policies, seed=settings.seed, progress=progress)
     choice = choose_policy(sweep.rows, settings.thresholds, sweep.headline)
     if sweep.content_blind:

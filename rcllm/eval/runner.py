@@ -12,7 +12,6 @@ from rcllm.data.metrics import kendall_tau, kl_divergence, popularity_ranking, r
 from rcllm.data.sampling import DEFAULT_CANDIDATES, DEFAULT_HISTORY, RankingRequest, sample_requests
 from rcllm.engine.policy import parse_policy
 from rcllm.engine.prefix_cache import PrefixSystem
-from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import BlockSource, Ranker, Ranking
 from rcllm.eval.blocks import (
     check_disk,
@@ -114,7 +113,7 @@ def run_eval(
         requests = sample_eval_requests(dataset, settings)
     if not requests:
         raise ValueError(f"{dataset.name}: no user qualifies for a leave-one-out request")
-    texts = {i: item_text(item) for i, item in dataset.items.items()}
+    texts = {i: ranker.builder.item_text(item) for i, item in dataset.items.items()}
     prompts = [([texts[i] for i in r.history], [texts[i] for i in r.candidates]) for r in requests]
     for size in {len(r.candidates) for r in requests}:
         if ranker.calibration == "contextual":

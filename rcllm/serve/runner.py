@@ -26,7 +26,7 @@ from rcllm.engine.graphs import StaticRecompute
 from rcllm.engine.job import RankJob
 from rcllm.engine.model_policy import default_policy
 from rcllm.engine.policy import parse_policy
-from rcllm.engine.prompt import PromptTemplate, item_text
+from rcllm.engine.prompt import PromptTemplate
 from rcllm.engine.ranker import Ranker
 from rcllm.serve.costs import EWMA, CostModel, kv_bytes_per_token
 from rcllm.serve.directory import ItemDirectory
@@ -141,6 +141,7 @@ class NodeRunner:
         check_known(request, catalog.__contains__, histories.__contains__)
         history = request.history if request.history is not None else histories[request.user_id]
         recent = history[-self.history_len :] if self.history_len else []
+        item_text = self.ranker.builder.item_text
         texts, rows = [], []
         for c in request.candidates:
             texts.append(item_text(c.item if c.item is not None else catalog[c.id]))

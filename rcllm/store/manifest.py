@@ -153,6 +153,9 @@ def stored_kv_dtype(manifest: Manifest) -> str:
     return manifest.kv_dtype or _dtype_flag(manifest.model.get("dtype", ""))
 
 
+LATER_TEMPLATE_FIELDS = {"categories_last": False}  # prompt template fields newer than some caches: their defaults
+
+
 def check_compatible(manifest: Manifest, lm: LoadedModel, template: dict, kv_dtype: str | None = None) -> None:
     """Raise :class:`IncompatibleCacheError` unless ``lm`` with ``template`` may use the cache's blocks.
 
@@ -182,9 +185,12 @@ def check_compatible(manifest: Manifest, lm: LoadedModel, template: dict, kv_dty
             f"run with --dtype {_dtype_flag(cached)}, or {rebuild} --dtype {_dtype_flag(running)}"
         )
     template = dict(template)
-    if manifest.template != template:
-        names = set(manifest.template) | set(template)
-        differ = sorted(k for k in names if manifest.template.get(k) != template.get(k))
+    # a template field added after a cache was built is absent from its manifest: the cache was
+    # built with what the field's default does (e.g. categories_last: False)
+    built_with = {**{k: v for k, v in LATER_TEMPLATE_FIELDS.items() if k in template}, **manifest.template}
+    if built_with != template:
+        names = set(built_with) | set(template)
+        differ = sorted(k for k in names if built_with.get(k) != template.get(k))
         raise IncompatibleCacheError(
             f"{where} was built with another prompt template (fields that differ: {', '.join(differ)}), "
             f"so its blocks hold other token ids: serve with the cache's template, or {rebuild} and your template"

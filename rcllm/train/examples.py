@@ -22,7 +22,6 @@ import torch
 
 from rcllm.data.dataset import Dataset
 from rcllm.data.splits import Split, time_split
-from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import Ranker
 
 
@@ -155,7 +154,7 @@ class PromptEncoder:
 
     def __init__(self, ranker: Ranker, items: Mapping[str, Mapping]):
         self.ranker = ranker
-        self.texts = {item_id: item_text(item) for item_id, item in items.items()}
+        self.texts = {item_id: ranker.builder.item_text(item) for item_id, item in items.items()}
 
     def encode(self, example: Example) -> EncodedPrompt:
         segments, _ = self.ranker.segments(

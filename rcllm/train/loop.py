@@ -64,13 +64,15 @@ from rcllm.train.validate import baselines, validate
 
 def _template(lm: LoadedModel, settings: TrainSettings) -> PromptTemplate:
     """The prompt template of the run: the start model's (a folder from an earlier run records
-    its own), with ``--link-tokens`` and ``--instruction`` when given."""
+    its own), with ``--link-tokens``, ``--instruction`` and ``--categories-last`` when given."""
     start = (model_template(lm.path) if os.path.isdir(lm.path) else None) or PromptTemplate()
     data = start.to_dict()
     if settings.link_tokens is not None:
         data["link_tokens"] = settings.link_tokens
     if settings.instruction is not None:
         data["instruction"] = settings.instruction
+    if settings.categories_last is not None:
+        data["categories_last"] = settings.categories_last
     return PromptTemplate.from_dict(data)
 
 

@@ -22,7 +22,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
 RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
                "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers", "recent", "link_tokens",
-               "instruction", "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum", "tail_floor")  # fmt: skip
+               "instruction", "categories_last", "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum", "tail_floor")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
 LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
 DISTILL_LOSS = (
@@ -57,6 +57,7 @@ class TrainSettings:
     recent: int = 10  # examples from each user's K latest training positions, users drawn uniformly (0: all)
     link_tokens: int | None = None  # fresh link tokens after each item (None: the start model's template, else 0)
     instruction: str | None = None  # the text after the last candidate (None: the start model's template's)
+    categories_last: bool | None = None  # item text ends with its categories (None: the start model's template's)
     teacher: str | None = None  # a model whose plain prefill block-aware steps are distilled from
     distill_weight: float = 1.0
     hidden_weight: float = 1.0
