@@ -192,6 +192,9 @@ def test_finetune_records_its_template_and_serving_follows_it(tmp_path, tiny_mod
                              "link_tokens": None})
     train(again, dataset=data)
     assert model_template(tmp_path / "m2").link_tokens == 2
+    # the second run continues the first one's example stream rather than drawing its examples again
+    reports = [json.loads((tmp_path / m / "training.json").read_text())["examples"] for m in ("m", "m2")]
+    assert reports == [{"first_step": 0, "next_step": 1}, {"first_step": 1, "next_step": 2}]
     assert open_ranker(str(tiny_models["llama"])).builder.template.link_tokens == 0
     # --instruction: a shorter question, recorded and served, links kept from the start model
     short = TrainSettings(**{**again.__dict__, "out": tmp_path / "m3", "model": str(tmp_path / "m2"),

@@ -430,3 +430,17 @@ def test_finetune_command_explains_bad_input(tmp_path, tiny_models):
     assert result.exit_code == 2 and "unknown dataset" in result.output
     result = runner.invoke(_cli(), [*base, "--dataset", "synthetic", "--candidates", "30"])
     assert result.exit_code == 2 and "26" in result.output
+
+
+def test_a_run_from_a_fine_tune_continues_its_example_stream(tmp_path):
+    """stream_start: after the steps a start folder's training.json says it drew (also when it
+    predates the record: its steps); 0 for a folder without one or with a broken one."""
+    from rcllm.train.loop import stream_start
+
+    assert stream_start(str(tmp_path)) == 0
+    (tmp_path / "training.json").write_text(json.dumps({"steps": 120}))
+    assert stream_start(str(tmp_path)) == 120
+    (tmp_path / "training.json").write_text(json.dumps({"steps": 80, "examples": {"first_step": 120, "next_step": 200}}))
+    assert stream_start(str(tmp_path)) == 200
+    (tmp_path / "training.json").write_text("{not json")
+    assert stream_start(str(tmp_path)) == 0

@@ -76,6 +76,23 @@ def _template(lm: LoadedModel, settings: TrainSettings) -> PromptTemplate:
     return PromptTemplate.from_dict(data)
 
 
+def stream_start(model_path: str) -> int:
+    """Where a run's example stream starts: after the examples its start model was trained on,
+    when that model is a folder ``rcllm finetune`` wrote (its ``training.json``), else 0.
+
+    The stream is a pure function of (seed, step), so a run continuing a fine-tune from step 0
+    would draw exactly the examples its parent drew first — a second epoch over them instead of
+    new ones. Continuing the parent's stream keeps every example new (until the data runs out)."""
+    report = Path(model_path) / REPORT_FILE
+    if not report.is_file():
+        return 0
+    try:
+        parent = json.loads(report.read_text())
+        return int(parent.get("examples", {}).get("next_step", parent.get("steps", 0)))
+    except (ValueError, TypeError, AttributeError):
+        return 0
+
+
 def _load_teacher(settings: TrainSettings, student: LoadedModel) -> LoadedModel | None:
     """The frozen teacher of distillation; it must read the same token ids as the student."""
     if settings.teacher is None:
@@ -233,6 +250,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     torch.manual_seed(settings.seed)
 
     lm = load_model(settings.model, device=settings.device, dtype=torch.float32)
+    first = stream_start(lm.path) if os.path.isdir(lm.path) else 0
     template = _template(lm, settings)
     builder = PromptBuilder(lm.tokenizer, template)
     match_ids = builder.match_token_ids()
@@ -247,6 +265,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
         state = _restore(ckpt_dir, settings, model, optimizer, scheduler)
     state["settings"] = settings.to_json()
     state["template"] = template.to_dict()
+    state["first_example_step"] = first
     base = baselines(stream.validation, stream.popularity)
     val_prompts = [encoder.encode(e) for e in stream.validation]
     served = ("none", f"tail:{settings.tail_floor}") if settings.tail_floor else ("none",)
@@ -288,7 +307,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
         while state["step"] < settings.steps:
             step = state["step"]
             started = time.perf_counter()
-            prompts = [encoder.encode(e) for e in stream.batch(step, settings.batch)]
+            prompts = [encoder.encode(e) for e in stream.batch(first + step, settings.batch)]
             aware = settings.block_aware_at(step)
             tails = settings.tails_at(step) if aware else 0.0
             batch = collate(prompts, aware, lm.device, tails, settings.tail_floor if aware else 0)
@@ -385,6 +404,9 @@ def _report(settings, state, stream, base, lm, dataset_name) -> dict:
         "grad_norms": state.get("grad_norms", []),
         "training_precision": "bf16 autocast, fp32 weights" if state.get("autocast_bf16") else "fp32",
         "steps": state["step"],
+        # the example stream's steps this run drew: a run from this folder continues at next_step
+        "examples": {"first_step": state.get("first_example_step", 0),
+                     "next_step": state.get("first_example_step", 0) + state["step"]},
         "baselines": base,
         "evals": state["evals"],
         "final": state["evals"][-1] if state["evals"] else None,
