@@ -25,7 +25,6 @@ from rcllm.data.sampling import sample_requests
 from rcllm.engine import MemoryBlockCache, open_ranker
 from rcllm.engine.model_policy import FALLBACK_POLICY
 from rcllm.engine.models import DEFAULT_MODEL
-from rcllm.engine.prompt import item_text
 
 
 def main() -> None:
@@ -48,8 +47,8 @@ def main() -> None:
     source = MemoryBlockCache(engine, builder)
     prompts = []
     for req in requests:
-        segs, _ = ranker.segments([item_text(data.items[i]) for i in req.history],
-                                  [item_text(data.items[i]) for i in req.candidates], source)  # fmt: skip
+        segs, _ = ranker.segments([builder.item_text(data.items[i]) for i in req.history],
+                                  [builder.item_text(data.items[i]) for i in req.candidates], source)  # fmt: skip
         prompts.append((segs, args.policy))
 
     def sync() -> None:

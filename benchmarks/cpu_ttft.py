@@ -22,7 +22,6 @@ from rcllm.data.movielens import load_ml100k_recbole
 from rcllm.data.sampling import DEFAULT_CANDIDATES, DEFAULT_HISTORY, sample_requests
 from rcllm.engine import MemoryBlockCache, Segment, open_ranker, uncached
 from rcllm.engine.models import DEFAULT_MODEL
-from rcllm.engine.prompt import item_text
 
 
 def main() -> None:
@@ -41,8 +40,8 @@ def main() -> None:
     engine, builder = ranker.engine, ranker.builder
     data = load_ml100k_recbole()
     req = sample_requests(data, 1, history=args.history, candidates=args.candidates, seed=args.seed)[0]
-    history = [item_text(data.items[i]) for i in req.history]
-    candidates = [item_text(data.items[i]) for i in req.candidates]
+    history = [builder.item_text(data.items[i]) for i in req.history]
+    candidates = [builder.item_text(data.items[i]) for i in req.candidates]
     source = MemoryBlockCache(engine, builder)
     segs, _ = ranker.segments(history, candidates, source)
     plain = uncached(segs)

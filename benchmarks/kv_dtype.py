@@ -136,7 +136,8 @@ def main() -> None:
 
     ranker = open_ranker(args.model)
     engine = ranker.engine
-    cases = sample_cases(load_dataset(args.dataset), args.prompts, args.history, args.candidates, args.seed)
+    cases = sample_cases(load_dataset(args.dataset), args.prompts, args.history, args.candidates, args.seed,
+                         text=ranker.builder.item_text)
     exact = MemoryBlockCache(engine, ranker.builder)
     sources = {name: StoredForm(exact, *FORMS[name]) for name in forms}
     labels = ranker.builder.label_token_ids

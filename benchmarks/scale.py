@@ -106,10 +106,10 @@ def kv_seconds(sample_sizes: list[int], model: str) -> list[float]:
 
     from rcllm.data.synthetic import make_synthetic
     from rcllm.engine import open_ranker
-    from rcllm.engine.prompt import item_text
 
     ranker = open_ranker(model)
-    ids = torch.cat([ranker.builder.item_ids(item_text(i)) for i in make_synthetic(n_items=64).items.values()])
+    builder = ranker.builder
+    ids = torch.cat([builder.item_ids(builder.item_text(i)) for i in make_synthetic(n_items=64).items.values()])
     blocks = [ids[(k * 7) % 1000 : (k * 7) % 1000 + TOKENS_PER_ITEM] for k in range(max(sample_sizes))]
     context = ranker.engine.compute_block(ranker.builder.system_ids(), ())
     ranker.engine.compute_blocks(blocks[:16], context)  # warm-up

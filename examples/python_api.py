@@ -12,7 +12,6 @@ import argparse
 
 from rcllm.data.loaders import load_dataset
 from rcllm.engine import MemoryBlockCache, open_ranker
-from rcllm.engine.prompt import item_text
 
 
 def main() -> None:
@@ -30,7 +29,7 @@ def main() -> None:
 
     ranker = open_ranker(args.model)
     source = MemoryBlockCache(ranker.engine, ranker.builder)
-    texts = lambda ids: [item_text(items[i]) for i in ids]  # noqa: E731 - the prompt text of each item
+    texts = lambda ids: [ranker.builder.item_text(items[i]) for i in ids]  # noqa: E731 - each item's prompt text
     print(f"{args.user} read: " + "; ".join(items[i]["title"] for i in history[-5:]))
 
     ranker.label_prior(len(candidates))  # the label-bias prior of this prompt shape, measured once
