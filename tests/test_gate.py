@@ -91,6 +91,14 @@ def test_gate_thresholds_are_inclusive_and_the_headline_picks_the_hit_rate():
     assert gate_failures(moved_10, DEFAULT, "hr@10") == ["|dHR@10| 0.200 > 0.01"]
     assert gate_failures(moved_10, DEFAULT, "hr@1") == []  # C <= 10: HR@10 is 1 for every ranking
     assert gate_failures(row("p", 1.0, 0.1, d1=-0.05), DEFAULT, "hr@1") == ["|dHR@1| 0.050 > 0.01"]
+    # a change of exactly the threshold, as two hit rates over 100 requests subtract in floats
+    assert abs(0.63 - 0.64) > 0.01 and abs(0.62 - 0.64) > 0.02
+    assert gate_failures(row("p", 0.93, 0.1, d1=0.63 - 0.64), DEFAULT, "hr@1") == []
+    assert gate_failures(row("p", 0.94, 0.1, d1=0.62 - 0.64), Thresholds(max_hr_delta=0.02), "hr@1") == []
+    assert gate_failures(row("p", 0.94, 0.1, d1=0.61 - 0.64), Thresholds(max_hr_delta=0.02), "hr@1") == [
+        "|dHR@1| 0.030 > 0.02"
+    ]
+    assert gate_failures(row("p", 0.7 + 0.2, 0.1), DEFAULT, "hr@1") == []  # 0.8999999999999999
     looser = Thresholds(max_hr_delta=0.1, min_top1=0.5)
     assert gate_failures(row("p", 0.6, 0.1, d10=-0.05), looser, "hr@10") == []
 
