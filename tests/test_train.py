@@ -235,6 +235,45 @@ def test_saved_model_loads_and_ranks_with_report_and_plot(tmp_path, tiny_models,
     assert sorted(ranker.rank(HISTORY, CANDIDATES).order) == list(range(len(CANDIDATES)))
 
 
+def test_adapter_only_folder_loads_as_the_merged_model_and_guards_its_base(tmp_path, tiny_models, small_data):
+    from rcllm.engine.models import ADAPTER_FILE
+    from rcllm.engine.prompt import model_template
+
+    base = tiny_models["llama"]
+    settings = dict(method="lora", block_aware="mix", instruction="\nAnswer:", categories_last=True)
+    train(_settings(tmp_path / "merged", base, **settings), dataset=small_data)
+    train(_settings(tmp_path / "adapter", base, adapter_only=True, **settings), dataset=small_data)
+    merged_dir, adapter_dir = tmp_path / "merged" / "model", tmp_path / "adapter" / "model"
+    names = {p.name for p in adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", ADAPTER_FILE, "rcllm-template.json",
+            "training.json"} <= names  # fmt: skip
+    assert "config.json" not in names and "model.safetensors" not in names
+    adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < (merged_dir / "model.safetensors").stat().st_size / 3
+
+    merged, adapted, plain = load_model(merged_dir), load_model(adapter_dir), load_model(base)
+    assert adapted.path == str(adapter_dir) and adapted.fingerprint not in (plain.fingerprint, merged.fingerprint)
+    assert load_model(adapter_dir).fingerprint == adapted.fingerprint  # a stable identity for caches
+    assert model_template(adapted.path) == model_template(merged.path)
+    assert model_template(adapted.path).categories_last and model_template(adapted.path).instruction == "\nAnswer:"
+    for name, weight in merged.model.state_dict().items():  # the same merge, at load instead of at the end
+        torch.testing.assert_close(adapted.model.state_dict()[name], weight, rtol=0, atol=1e-6, msg=name)
+    changed = [n for n, w in plain.model.state_dict().items() if not torch.equal(w, adapted.model.state_dict()[n])]
+    assert any("q_proj" in n for n in changed)  # the adapter was applied, not skipped
+
+    description = json.loads((adapter_dir / ADAPTER_FILE).read_text())
+    assert description["base"] == str(Path(base).resolve()) and description["base_fingerprint"] == plain.fingerprint
+    (adapter_dir / ADAPTER_FILE).write_text(json.dumps({**description, "base_fingerprint": "0" * 64}))
+    with pytest.raises(ValueError, match="no longer applies"):
+        load_model(adapter_dir)
+    (adapter_dir / ADAPTER_FILE).write_text(json.dumps(description))
+    (adapter_dir / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        load_model(adapter_dir)
+    with pytest.raises(ValueError, match="--method lora"):
+        train(_settings(tmp_path / "full", base, method="full", adapter_only=True), dataset=small_data)
+
+
 def test_learning_rate_warms_up_then_follows_its_schedule():
     from rcllm.train.loop import lr_factor
 

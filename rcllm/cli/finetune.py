@@ -42,6 +42,10 @@ def finetune(
     ),
     val_users: int = typer.Option(100, min=1, help="Validation users (their second-to-last item is the target)."),
     lora_rank: int = typer.Option(16, min=1, help="LoRA rank (alpha is twice the rank)."),
+    adapter_only: bool = typer.Option(
+        False, help="With --method lora: write the adapter alone (a few MB) instead of merged weights. Opening the "
+        "folder loads the base model (--model) and merges the adapter into it; the base must not change.",
+    ),
     amp: str = typer.Option(
         "auto",
         help="bf16 autocast of the training forward (weights and optimizer stay fp32): auto (on for CUDA with bf16 "
@@ -111,7 +115,7 @@ def finetune(
     settings = TrainSettings(
         out=out, dataset=dataset, model=model, method=method, steps=steps, batch=batch, lr=lr, history=history,
         candidates=candidates, block_aware=block_aware, device=device, seed=seed, eval_every=eval_every,
-        val_users=val_users, lora_rank=lora_rank, amp=amp, schedule=schedule, train_layers=train_layers, recent=recent,
+        val_users=val_users, lora_rank=lora_rank, adapter_only=adapter_only, amp=amp, schedule=schedule, train_layers=train_layers, recent=recent,
         link_tokens=link_tokens, instruction=None if instruction is None else instruction.replace("\\n", "\n"),
         categories_last=categories_last, teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
         temperature=temperature, match_weight=match_weight, curriculum=curriculum, tail_floor=tail_floor, data_dir=data_dir, resume=resume,

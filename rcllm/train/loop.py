@@ -26,7 +26,7 @@ import torch
 
 from rcllm.data.dataset import Dataset
 from rcllm.engine.forward import BlockEngine
-from rcllm.engine.models import LoadedModel, load_model
+from rcllm.engine.models import LoadedModel, load_model, write_adapter
 from rcllm.engine.prompt import TEMPLATE_FILE, PromptBuilder, PromptTemplate, model_template
 from rcllm.engine.ranker import Ranker
 from rcllm.files import write_folder
@@ -369,12 +369,16 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
         ) from error
 
     report = _report(settings, state, stream, base, lm, dataset.name)
-    merged = peft_model.merge_and_unload() if peft_model is not None else model
+    adapter_only = settings.adapter_only and peft_model is not None
+    merged = peft_model if adapter_only else peft_model.merge_and_unload() if peft_model is not None else model
     merged.eval()
 
     def fill(tmp: Path) -> None:
-        merged.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
+        if adapter_only:  # the base is loaded and this adapter merged into it when the folder is opened
+            write_adapter(tmp, peft_model, settings.model, lm.fingerprint)
+        else:
+            merged.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
         (tmp / TEMPLATE_FILE).write_text(json.dumps(template.to_dict(), indent=2) + "\n")
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         plot_training(report, tmp / PLOT_FILE)

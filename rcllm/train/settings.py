@@ -51,6 +51,7 @@ class TrainSettings:
     eval_every: int = 50
     val_users: int = 100
     lora_rank: int = 16
+    adapter_only: bool = False  # lora: write the adapter alone (applied to the base at load), not merged weights
     amp: str = "auto"  # bf16 autocast of the training forward: auto | bf16 | off
     schedule: str = "cosine"  # learning rate after the warm-up: cosine | linear (decay to 0) | constant
     train_layers: int = 0  # train only the top N decoder layers (0: all)
@@ -76,6 +77,8 @@ class TrainSettings:
     def check(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.adapter_only and self.method != "lora":
+            raise ValueError("--adapter-only keeps a LoRA adapter: pass --method lora with it")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown --schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.recent < 0:

@@ -15,9 +15,11 @@ One job per module:
 - ``convert``: an embedded GGUF converted once into a safetensors folder (:func:`pull_embedded`)
 - ``support``: the family and RoPE checks, the rotary frequencies the engine re-rotates with
 - ``fingerprint``: sha256 of config + weights (per-file digests cached in sidecars), of tokenizers
+- ``adapter``: LoRA adapter folders (a fine-tune as a few MB over a base), merged at load
 - ``load``: :func:`load_model` and :func:`wrap_model`, which put the others together
 """
 
+from rcllm.engine.models.adapter import ADAPTER_FILE, is_adapter_folder, read_adapter, write_adapter
 from rcllm.engine.models.convert import pull_embedded, transformers_progress
 from rcllm.engine.models.load import LoadedModel, load_model, resolve_model, wrap_model
 from rcllm.engine.models.resolve import (
@@ -36,6 +38,7 @@ from rcllm.engine.models.support import (
 )
 
 __all__ = [
+    "ADAPTER_FILE",
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "SUPPORTED_FAMILIES",
@@ -46,10 +49,13 @@ __all__ = [
     "UnsupportedModelError",
     "check_supported",
     "embedded_dir",
+    "is_adapter_folder",
     "load_model",
     "pull_embedded",
+    "read_adapter",
     "resolve_model",
     "transformers_progress",
     "user_cache_dir",
     "wrap_model",
+    "write_adapter",
 ]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from rcllm.engine.models.adapter import adapted_weights_hash, is_adapter_folder, merge_adapter, read_adapter
 from rcllm.engine.models.convert import pull_embedded, transformers_progress
 from rcllm.engine.models.fingerprint import model_fingerprint, state_dict_hash, tokenizer_hash, weights_hash
 from rcllm.engine.models.resolve import (
@@ -128,6 +129,8 @@ def load_model(
     dtype = _as_dtype(dtype)
     path = resolve_model(name)
     local = os.path.isdir(path)
+    if local and is_adapter_folder(path):
+        return _load_adapted(name, Path(path), device, dtype, attn_implementation)
 
     if local:
         check_supported(_read_config_json(Path(path)))  # before transformers parses anything
@@ -183,6 +186,31 @@ def load_model(
         device=device,
         dtype=dtype,
         sliding_window=sliding_window(model.config, family),
+    )
+
+
+def _load_adapted(name: str, folder: Path, device, dtype, attn_implementation: str) -> LoadedModel:
+    """A LoRA adapter folder: its base, checked to be the model it was trained on, with the
+    adapter merged in (in the base's dtype, on its device)."""
+    info = read_adapter(folder)
+    if Path(info.base).expanduser().absolute() == folder.absolute():
+        raise ValueError(f"adapter folder {folder} names itself as its base")
+    base = load_model(info.base, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    if base.fingerprint != info.base_fingerprint:
+        raise ValueError(
+            f"adapter {folder} was trained on {info.base} with fingerprint {info.base_fingerprint[:12]}, but "
+            f"{info.base} now loads as {base.fingerprint[:12]}: its weights changed, so the adapter no longer "
+            "applies to them. Load the original base, or fine-tune the adapter again"
+        )
+    model = merge_adapter(base.model, folder)
+    model.eval()
+    model.requires_grad_(False)
+    return replace(
+        base,
+        name=name,
+        path=str(folder),
+        model=model,
+        fingerprint=model_fingerprint(model.config, adapted_weights_hash(base.fingerprint, weights_hash(folder) or "")),
     )
 
 
