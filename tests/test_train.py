@@ -263,7 +263,14 @@ def test_adapter_only_folder_loads_as_the_merged_model_and_guards_its_base(tmp_p
 
     description = json.loads((adapter_dir / ADAPTER_FILE).read_text())
     assert description["base"] == str(Path(base).resolve()) and description["base_fingerprint"] == plain.fingerprint
+    # the base's file bytes differ (another conversion) but its values are the same: it loads, same identity
     (adapter_dir / ADAPTER_FILE).write_text(json.dumps({**description, "base_fingerprint": "0" * 64}))
+    elsewhere = load_model(adapter_dir)
+    assert torch.equal(elsewhere.model.model.layers[0].self_attn.q_proj.weight,
+                       adapted.model.model.layers[0].self_attn.q_proj.weight)  # fmt: skip
+    # its values changed too: refused
+    (adapter_dir / ADAPTER_FILE).write_text(json.dumps({**description, "base_fingerprint": "0" * 64,
+                                                        "base_state": "1" * 64}))  # fmt: skip
     with pytest.raises(ValueError, match="no longer applies"):
         load_model(adapter_dir)
     (adapter_dir / ADAPTER_FILE).write_text(json.dumps(description))

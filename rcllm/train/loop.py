@@ -26,7 +26,7 @@ import torch
 
 from rcllm.data.dataset import Dataset
 from rcllm.engine.forward import BlockEngine
-from rcllm.engine.models import LoadedModel, load_model, write_adapter
+from rcllm.engine.models import LoadedModel, load_model, state_dict_hash, write_adapter
 from rcllm.engine.prompt import TEMPLATE_FILE, PromptBuilder, PromptTemplate, model_template
 from rcllm.engine.ranker import Ranker
 from rcllm.files import write_folder
@@ -255,6 +255,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     builder = PromptBuilder(lm.tokenizer, template)
     match_ids = builder.match_token_ids()
     teacher = _load_teacher(settings, lm)
+    base_state = state_dict_hash(lm.model) if settings.adapter_only else None  # before LoRA layers go in
     encoder = PromptEncoder(Ranker(BlockEngine(lm), builder), dataset.items)
     peft_model = _prepare(lm, settings)
     model = lm.model
@@ -375,7 +376,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
 
     def fill(tmp: Path) -> None:
         if adapter_only:  # the base is loaded and this adapter merged into it when the folder is opened
-            write_adapter(tmp, peft_model, settings.model, lm.fingerprint)
+            write_adapter(tmp, peft_model, settings.model, lm.fingerprint, base_state)
         else:
             merged.save_pretrained(tmp)
             lm.tokenizer.save_pretrained(tmp)

@@ -21,6 +21,7 @@ One job per module:
 
 from rcllm.engine.models.adapter import ADAPTER_FILE, is_adapter_folder, read_adapter, write_adapter
 from rcllm.engine.models.convert import pull_embedded, transformers_progress
+from rcllm.engine.models.fingerprint import state_dict_hash
 from rcllm.engine.models.load import LoadedModel, load_model, resolve_model, wrap_model
 from rcllm.engine.models.resolve import (
     DEFAULT_MODEL,
@@ -54,6 +55,7 @@ __all__ = [
     "pull_embedded",
     "read_adapter",
     "resolve_model",
+    "state_dict_hash",
     "transformers_progress",
     "user_cache_dir",
     "wrap_model",

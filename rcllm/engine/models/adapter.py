@@ -26,6 +26,8 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 class AdapterInfo:
     base: str  # the base model: an embedded name, an absolute folder or a hub id
     base_fingerprint: str  # LoadedModel.fingerprint of the base the adapter was trained on
+    # state_dict_hash of that base: its weights' values, whatever bytes a conversion wrote them as
+    base_state: str | None = None
 
 
 def is_adapter_folder(folder: str | os.PathLike) -> bool:
@@ -38,7 +40,9 @@ def read_adapter(folder: str | os.PathLike) -> AdapterInfo:
     path = folder / ADAPTER_FILE
     try:
         data = json.loads(path.read_text())
-        info = AdapterInfo(base=str(data["base"]), base_fingerprint=str(data["base_fingerprint"]))
+        info = AdapterInfo(
+            base=str(data["base"]), base_fingerprint=str(data["base_fingerprint"]), base_state=data.get("base_state")
+        )
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a readable adapter description ({type(error).__name__}: {error})") from error
     missing = [name for name in (PEFT_CONFIG, PEFT_WEIGHTS) if not (folder / name).is_file()]
@@ -53,12 +57,13 @@ def base_name(name: str) -> str:
     return str(folder.resolve()) if folder.is_dir() else name
 
 
-def write_adapter(folder: Path, peft_model, base: str, base_fingerprint: str) -> None:
+def write_adapter(folder: Path, peft_model, base: str, base_fingerprint: str, base_state: str) -> None:
     """Write the LoRA weights of ``peft_model`` (a peft ``PeftModel``) and what they apply to into
     ``folder`` (a folder being filled, e.g. by :func:`rcllm.files.write_folder`)."""
     peft_model.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card template, empty here
-    description = {"base": base_name(base), "base_fingerprint": base_fingerprint, "format": "peft-lora"}
+    description = {"base": base_name(base), "base_fingerprint": base_fingerprint, "base_state": base_state,
+                   "format": "peft-lora"}  # fmt: skip
     (folder / ADAPTER_FILE).write_text(json.dumps(description, indent=2) + "\n")
 
 

@@ -196,7 +196,9 @@ def _load_adapted(name: str, folder: Path, device, dtype, attn_implementation: s
     if Path(info.base).expanduser().absolute() == folder.absolute():
         raise ValueError(f"adapter folder {folder} names itself as its base")
     base = load_model(info.base, device=device, dtype=dtype, attn_implementation=attn_implementation)
-    if base.fingerprint != info.base_fingerprint:
+    # the same values in other bytes (e.g. the embedded GGUF converted by another transformers) still match
+    same_values = info.base_state is not None and state_dict_hash(base.model) == info.base_state
+    if base.fingerprint != info.base_fingerprint and not same_values:
         raise ValueError(
             f"adapter {folder} was trained on {info.base} with fingerprint {info.base_fingerprint[:12]}, but "
             f"{info.base} now loads as {base.fingerprint[:12]}: its weights changed, so the adapter no longer "
@@ -210,7 +212,8 @@ def _load_adapted(name: str, folder: Path, device, dtype, attn_implementation: s
         name=name,
         path=str(folder),
         model=model,
-        fingerprint=model_fingerprint(model.config, adapted_weights_hash(base.fingerprint, weights_hash(folder) or "")),
+        # from the recorded base identity, so that a policy gated on one machine holds on another
+        fingerprint=model_fingerprint(model.config, adapted_weights_hash(info.base_fingerprint, weights_hash(folder) or "")),
     )
 
 
