@@ -28,9 +28,18 @@ from pathlib import Path
 from rcllm.data.dataset import Dataset
 from rcllm.data.metrics import kendall_tau
 from rcllm.data.sampling import DEFAULT_HISTORY, RankingRequest
-from rcllm.engine.models import DEFAULT_MODEL
+from rcllm.engine.models import DEFAULT_MODEL, is_adapter_folder
 
+HIT_RATE_KS = (1, 3)  # the demo's hit rates: the next item first, in the top 3
 STATE_FILE = "cluster.json"  # pids and addresses of the running demo cluster (removed at exit)
+# a LoRA adapter of the embedded model, trained by `rcllm finetune` to rank and to stay faithful under
+# reuse (its command is in its training.json and the README); the demo's default model
+DEMO_ADAPTER = Path(__file__).resolve().parents[1] / "examples" / "reuse-ranker"
+
+
+def default_demo_model() -> str:
+    """The bundled reuse-trained adapter when the source tree ships it, else the embedded model."""
+    return str(DEMO_ADAPTER) if is_adapter_folder(DEMO_ADAPTER) else DEFAULT_MODEL
 
 
 @dataclass
@@ -42,17 +51,22 @@ class DemoSettings:
     candidates: int = 10
     history: int = DEFAULT_HISTORY
     policy: str | None = None  # None: the model's gated policy (rcllm.engine.model_policy.default_policy)
-    model: str = DEFAULT_MODEL
+    model: str | None = None  # None: default_demo_model()
     concurrency: int = 2
     seed: int = 0
     data_dir: Path | None = None
 
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = default_demo_model()
+
     def folder(self) -> Path:
+        """``out``, else one folder per dataset and model in the user cache (a cache holds one model's blocks)."""
         if self.out is not None:
             return Path(self.out)
         from rcllm.engine.models import user_cache_dir
 
-        return user_cache_dir() / "demo" / Path(self.dataset).name
+        return user_cache_dir() / "demo" / Path(self.dataset).name / Path(str(self.model)).name
 
 
 @dataclass
@@ -82,6 +96,7 @@ class DemoResult:
     hit_ratio: dict[str, float]
     per_node: dict[int, int]  # node -> requests it answered (rcllm pass)
     fidelity: dict[str, float]
+    hit_rates: dict[str, dict[int, float]]  # system -> {K: share of requests whose next item is in its top K}
     cluster: dict  # the coordinator's /v1/cluster after the stream
     cache: Path
     logs: Path
@@ -149,8 +164,8 @@ def run_demo(
     write_interactions([x for x in dataset.interactions if (x[0], x[1]) not in held_out],
                        inputs / "interactions.jsonl")
     cache = folder / "cache"
-    log(f"building the block cache in {cache} ({len(dataset.items)} items, {len(histories)} histories, "
-        f"{settings.nodes} nodes; reused when complete)")
+    log(f"building the block cache of {settings.model} in {cache} ({len(dataset.items)} items, "
+        f"{len(histories)} histories, {settings.nodes} nodes; reused when complete)")
     started = time.perf_counter()
     options = BuildOptions(out=cache, nodes=settings.nodes, model=settings.model, users=inputs / "histories.jsonl",
                            interactions=inputs / "interactions.jsonl", history=settings.history, seed=settings.seed)
@@ -225,6 +240,11 @@ def run_demo(
             "recomputed_fraction": statistics.fmean(
                 a.cache.recomputed_tokens / a.cache.prompt_tokens for a in served if a.cache.prompt_tokens
             ),
+        },
+        hit_rates={
+            name: {k: statistics.fmean(r.positive in ranking[:k] for r, ranking in zip(requests, run.rankings))
+                   for k in HIT_RATE_KS}
+            for name, run in systems.items()
         },
         cluster=report, cache=cache, logs=logs, build_seconds=build_seconds, exit_codes=codes,
         policy=policy, policy_reason=policy_reason,

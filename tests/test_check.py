@@ -351,6 +351,9 @@ def test_demo_defaults_to_the_gated_policy(gated_model, tmp_path):
     assert result.policy == "boundary:3" and result.policy_reason.startswith("gated by")
     assert list(result.systems) == ["full", "prefix", "rcllm:boundary:3"]
     assert result.exit_codes and all(code == 0 for code in result.exit_codes.values())
+    for name, run in result.systems.items():  # the demo's hit rates: where each reader's next item was ranked
+        places = [ranking.index(r.positive) for r, ranking in zip(result.requests, run.rankings)]
+        assert result.hit_rates[name] == {1: places.count(0) / 3, 3: sum(p < 3 for p in places) / 3}
 
 
 def test_sweep_command_refuses_a_content_blind_model_and_writes_nothing(blind_model, golden_data):

@@ -281,6 +281,31 @@ def test_adapter_only_folder_loads_as_the_merged_model_and_guards_its_base(tmp_p
         train(_settings(tmp_path / "full", base, method="full", adapter_only=True), dataset=small_data)
 
 
+def test_an_adapter_only_run_from_an_adapter_trains_that_adapter_further(tmp_path, tiny_models, small_data):
+    from safetensors.torch import load_file
+
+    from rcllm.engine.models import ADAPTER_FILE
+    from rcllm.engine.prompt import model_template
+
+    base = tiny_models["llama"]
+    first = tmp_path / "first" / "model"
+    train(_settings(tmp_path / "first", base, method="lora", lora_rank=4, adapter_only=True, categories_last=True),
+          dataset=small_data)
+    with pytest.raises(ValueError, match="--lora-rank 4"):
+        train(_settings(tmp_path / "bad", first, method="lora", adapter_only=True), dataset=small_data)
+    result = train(_settings(tmp_path / "second", first, method="lora", lora_rank=4, adapter_only=True, steps=2,
+                             eval_every=2), dataset=small_data)  # fmt: skip
+    second = result.out
+    # the same base, one adapter: not an adapter stacked on the first one's merged weights
+    assert json.loads((second / ADAPTER_FILE).read_text())["base"] == str(Path(base).resolve())
+    before, after = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert model_template(second).categories_last  # the template goes on with the adapter
+    assert result.report["examples"]["first_step"] == 4  # and its example stream
+    assert load_model(second).fingerprint != load_model(first).fingerprint
+
+
 def test_learning_rate_warms_up_then_follows_its_schedule():
     from rcllm.train.loop import lr_factor
 

@@ -26,7 +26,10 @@ def demo(
     policy: Optional[str] = typer.Option(
         None, help=POLICY_HELP + GATED_POLICY_HELP
     ),
-    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    model: Optional[str] = typer.Option(
+        None, help=MODEL_HELP + " Default: examples/reuse-ranker, a LoRA adapter of the embedded model trained to rank "
+        "and to keep its ranking under reuse (the embedded model alone ranks at chance)."
+    ),
     concurrency: int = typer.Option(2, min=1, help="Requests in flight at once."),
     show: int = typer.Option(3, min=0, help="Users whose history and top-5 are printed."),
     seed: int = typer.Option(0, help="Seed for users, negatives and request order."),
@@ -81,10 +84,19 @@ def _print_demo(result, settings, show: int) -> None:
     routed = ", ".join(f"node {k}: {v}" for k, v in result.per_node.items())
     console.print(f"cache hits: user blocks {h['user']:.0%}, item blocks {h['item']:.0%} (a miss is fetched from the "
                   f"peer holding it or recomputed); requests per node: {routed}.")
+    rates = {name: result.hit_rates[name] for name in ("full", f"rcllm:{result.policy}")}
+    ks = sorted(next(iter(rates.values())))
+    shown = " / ".join(f"top {k}" for k in ks)
     console.print(
-        "[dim]The embedded 135M model does not rank zero-shot (its ranking is near chance); a model fine-tuned with "
-        "`rcllm finetune` does. Agreement figures on a content-blind model say little: see `rcllm check`.[/]"
+        f"the item each reader chose next, ranked in the {shown}: "
+        + "; ".join(f"{'full prefill' if n == 'full' else n} " + " / ".join(f"{r[k]:.2f}" for k in ks) for n, r in rates.items())
+        + "; random " + " / ".join(f"{min(1.0, k / settings.candidates):.2f}" for k in ks) + "."
     )
+    if settings.model == DEFAULT_MODEL:
+        console.print(
+            "[dim]The embedded 135M model does not rank zero-shot (its ranking is near chance); a model fine-tuned with "
+            "`rcllm finetune` does. Agreement figures on a content-blind model say little: see `rcllm check`.[/]"
+        )
     console.print(f"cache: {result.cache}  (built in {result.build_seconds:.1f} s; `rcllm cache info {result.cache}`)")
     console.print(f"logs:  {result.logs}  (cluster stopped: {', '.join(f'{k} exit {v}' for k, v in result.exit_codes.items())})")
 

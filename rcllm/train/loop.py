@@ -26,7 +26,14 @@ import torch
 
 from rcllm.data.dataset import Dataset
 from rcllm.engine.forward import BlockEngine
-from rcllm.engine.models import LoadedModel, load_model, state_dict_hash, write_adapter
+from rcllm.engine.models import (
+    LoadedModel,
+    is_adapter_folder,
+    load_adapter_base,
+    load_model,
+    state_dict_hash,
+    write_adapter,
+)
 from rcllm.engine.prompt import TEMPLATE_FILE, PromptBuilder, PromptTemplate, model_template
 from rcllm.engine.ranker import Ranker
 from rcllm.files import write_folder
@@ -62,10 +69,10 @@ from rcllm.train.settings import (
 from rcllm.train.report import losses_by_attention, machine, plot_training
 from rcllm.train.validate import baselines, validate
 
-def _template(lm: LoadedModel, settings: TrainSettings) -> PromptTemplate:
+def _template(start_path: str, settings: TrainSettings) -> PromptTemplate:
     """The prompt template of the run: the start model's (a folder from an earlier run records
     its own), with ``--link-tokens``, ``--instruction`` and ``--categories-last`` when given."""
-    start = (model_template(lm.path) if os.path.isdir(lm.path) else None) or PromptTemplate()
+    start = (model_template(start_path) if os.path.isdir(start_path) else None) or PromptTemplate()
     data = start.to_dict()
     if settings.link_tokens is not None:
         data["link_tokens"] = settings.link_tokens
@@ -74,6 +81,15 @@ def _template(lm: LoadedModel, settings: TrainSettings) -> PromptTemplate:
     if settings.categories_last is not None:
         data["categories_last"] = settings.categories_last
     return PromptTemplate.from_dict(data)
+
+
+def _continued_adapter(settings: TrainSettings) -> Path | None:
+    """The adapter folder a ``--method lora --adapter-only`` run starts from, which it trains further
+    (rather than stacking a new adapter on its merged weights); None for any other run."""
+    if not (settings.method == "lora" and settings.adapter_only):
+        return None
+    folder = Path(settings.model).expanduser()
+    return folder.resolve() if folder.is_dir() and is_adapter_folder(folder) else None
 
 
 def stream_start(model_path: str) -> int:
@@ -140,8 +156,9 @@ def _trained_layers(lm: LoadedModel, settings: TrainSettings) -> list[int]:
     return list(range(n - settings.train_layers if settings.train_layers else 0, n))
 
 
-def _prepare(lm: LoadedModel, settings: TrainSettings):
-    """Make the trainable parameters of ``lm.model`` (LoRA layers are injected into it in place).
+def _prepare(lm: LoadedModel, settings: TrainSettings, adapter: Path | None = None):
+    """Make the trainable parameters of ``lm.model`` (LoRA layers are injected into it in place;
+    with ``adapter``, a LoRA adapter folder over ``lm``, its layers, to train further).
 
     With ``train_layers`` N > 0 only the top N decoder layers train (all their weights, or their
     LoRA adapters) and the final norm with them for full fine-tuning; the layers below are frozen,
@@ -161,9 +178,16 @@ def _prepare(lm: LoadedModel, settings: TrainSettings):
         peft_model = None
     else:
         try:
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig, PeftModel, get_peft_model
         except ImportError as e:
             raise ValueError("--method lora needs the peft package: pip install peft (or use --method full)") from e
+        if adapter is not None:
+            rank = json.loads((adapter / "adapter_config.json").read_text()).get("r")
+            if rank != settings.lora_rank:
+                raise ValueError(f"{adapter} is a rank-{rank} adapter: continue it with --lora-rank {rank}")
+            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+            model.train()
+            return peft_model
         config = LoraConfig(
             r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
             target_modules=list(LORA_TARGETS), bias="none",
@@ -249,15 +273,21 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
 
-    lm = load_model(settings.model, device=settings.device, dtype=torch.float32)
-    first = stream_start(lm.path) if os.path.isdir(lm.path) else 0
-    template = _template(lm, settings)
+    continued = _continued_adapter(settings)
+    if continued is None:
+        lm = load_model(settings.model, device=settings.device, dtype=torch.float32)
+        start_path, base_name = lm.path, settings.model
+    else:  # a LoRA run that keeps an adapter, from an adapter folder: it trains that adapter further
+        lm, info = load_adapter_base(continued, device=settings.device, dtype=torch.float32)
+        start_path, base_name = str(continued), info.base
+    first = stream_start(start_path) if os.path.isdir(start_path) else 0
+    template = _template(start_path, settings)
     builder = PromptBuilder(lm.tokenizer, template)
     match_ids = builder.match_token_ids()
     teacher = _load_teacher(settings, lm)
     base_state = state_dict_hash(lm.model) if settings.adapter_only else None  # before LoRA layers go in
     encoder = PromptEncoder(Ranker(BlockEngine(lm), builder), dataset.items)
-    peft_model = _prepare(lm, settings)
+    peft_model = _prepare(lm, settings, continued)
     model = lm.model
     optimizer, scheduler = _optimizer(model, settings)
     state = {"step": 0, "evals": [], "losses": [], "seconds": {"training": 0.0, "validation": 0.0},
@@ -376,7 +406,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
 
     def fill(tmp: Path) -> None:
         if adapter_only:  # the base is loaded and this adapter merged into it when the folder is opened
-            write_adapter(tmp, peft_model, settings.model, lm.fingerprint, base_state)
+            write_adapter(tmp, peft_model, base_name, lm.fingerprint, base_state)
         else:
             merged.save_pretrained(tmp)
             lm.tokenizer.save_pretrained(tmp)

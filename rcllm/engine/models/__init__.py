@@ -22,7 +22,7 @@ One job per module:
 from rcllm.engine.models.adapter import ADAPTER_FILE, is_adapter_folder, read_adapter, write_adapter
 from rcllm.engine.models.convert import pull_embedded, transformers_progress
 from rcllm.engine.models.fingerprint import state_dict_hash
-from rcllm.engine.models.load import LoadedModel, load_model, resolve_model, wrap_model
+from rcllm.engine.models.load import LoadedModel, load_adapter_base, load_model, resolve_model, wrap_model
 from rcllm.engine.models.resolve import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -51,6 +51,7 @@ __all__ = [
     "check_supported",
     "embedded_dir",
     "is_adapter_folder",
+    "load_adapter_base",
     "load_model",
     "pull_embedded",
     "read_adapter",

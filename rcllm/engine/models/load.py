@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rcllm.engine.models.adapter import adapted_weights_hash, is_adapter_folder, merge_adapter, read_adapter
+from rcllm.engine.models.adapter import (
+    AdapterInfo,
+    adapted_weights_hash,
+    is_adapter_folder,
+    merge_adapter,
+    read_adapter,
+)
 from rcllm.engine.models.convert import pull_embedded, transformers_progress
 from rcllm.engine.models.fingerprint import model_fingerprint, state_dict_hash, tokenizer_hash, weights_hash
 from rcllm.engine.models.resolve import (
@@ -189,9 +195,11 @@ def load_model(
     )
 
 
-def _load_adapted(name: str, folder: Path, device, dtype, attn_implementation: str) -> LoadedModel:
-    """A LoRA adapter folder: its base, checked to be the model it was trained on, with the
-    adapter merged in (in the base's dtype, on its device)."""
+def load_adapter_base(folder: str | os.PathLike, device="cpu", dtype=torch.float32, *,
+                      attn_implementation: str = "sdpa") -> tuple[LoadedModel, AdapterInfo]:
+    """The base model of LoRA adapter ``folder``, checked to be the model it was trained on (its
+    fingerprint, or the same weight values in other bytes), and the adapter's description."""
+    folder = Path(folder)
     info = read_adapter(folder)
     if Path(info.base).expanduser().absolute() == folder.absolute():
         raise ValueError(f"adapter folder {folder} names itself as its base")
@@ -204,6 +212,12 @@ def _load_adapted(name: str, folder: Path, device, dtype, attn_implementation: s
             f"{info.base} now loads as {base.fingerprint[:12]}: its weights changed, so the adapter no longer "
             "applies to them. Load the original base, or fine-tune the adapter again"
         )
+    return base, info
+
+
+def _load_adapted(name: str, folder: Path, device, dtype, attn_implementation: str) -> LoadedModel:
+    """A LoRA adapter folder: its base with the adapter merged in (in the base's dtype, on its device)."""
+    base, info = load_adapter_base(folder, device, dtype, attn_implementation=attn_implementation)
     model = merge_adapter(base.model, folder)
     model.eval()
     model.requires_grad_(False)
