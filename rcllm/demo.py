@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rcllm.data.dataset import Dataset
 from rcllm.data.metrics import kendall_tau
-from rcllm.data.sampling import DEFAULT_HISTORY, RankingRequest
+from rcllm.data.sampling import RankingRequest
 from rcllm.engine.models import DEFAULT_MODEL, is_adapter_folder
 
 HIT_RATE_KS = (1, 3)  # the demo's hit rates: the next item first, in the top 3
@@ -48,8 +48,8 @@ class DemoSettings:
     out: Path | None = None  # default: <user cache>/demo/<dataset>
     nodes: int = 2
     requests: int = 24
-    candidates: int = 10
-    history: int = DEFAULT_HISTORY
+    candidates: int = 5  # what the bundled adapter's gate measured (C = 5, history 5)
+    history: int = 5
     policy: str | None = None  # None: the model's gated policy (rcllm.engine.model_policy.default_policy)
     model: str | None = None  # None: default_demo_model()
     concurrency: int = 2

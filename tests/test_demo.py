@@ -23,7 +23,7 @@ from test_serve import ScriptedNode, until
 from rcllm.build.pipeline import BuildOptions, build_cache
 from rcllm.data.loaders import bookshop_dir, prepare
 from rcllm.data.synthetic import make_synthetic
-from rcllm.demo import STATE_FILE
+from rcllm.demo import DEMO_ADAPTER, STATE_FILE, default_demo_model
 from rcllm.serve.client import RecommendClient, ServiceError
 from rcllm.serve.cluster import LocalCluster
 from rcllm.serve.runner import NodeData
@@ -100,12 +100,17 @@ def big_data(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_demo_runs_to_completion_on_the_embedded_defaults(tmp_path):
     """What the README's first command runs (fewer requests)."""
+    from rcllm.engine.model_policy import default_policy
+
+    assert default_demo_model() == str(DEMO_ADAPTER)  # the shipped reuse-trained adapter, not the bare model
+    gated = default_policy(DEMO_ADAPTER)
+    assert gated.gated, gated.reason  # its gate's policy file ships with it
     out = tmp_path / "demo"
     proc = start_demo(out, "--requests", "4")
     assert proc.wait(timeout=900) == 0, demo_log(out)
     log = demo_log(out)
-    for text in ("full prefill", "prefix caching", "rcllm:boundary:2", "top-1 agreement", "cache hits",
-                 "requests per node", f"cache: {out / 'cache'}", "logs:"):
+    for text in ("full prefill", "prefix caching", f"rcllm:{gated.policy}", "top-1 agreement", "cache hits",
+                 "requests per node", "the item each reader chose next", f"cache: {out / 'cache'}", "logs:"):
         assert text in log, (text, log)
     assert "coordinator exit 0" in log and "node0 exit 0" in log and "node1 exit 0" in log
     assert not (out / STATE_FILE).exists()

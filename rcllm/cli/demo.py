@@ -22,7 +22,10 @@ def demo(
     ),
     nodes: int = typer.Option(2, min=1, max=8, help="Nodes to shard the item blocks over (one process each)."),
     requests: int = typer.Option(24, min=1, help="Ranking requests, one per sampled user (leave-one-out)."),
-    candidates: int = typer.Option(10, min=2, max=26, help="Candidates per request: the held-out item + negatives."),
+    candidates: int = typer.Option(
+        5, min=2, max=26, help="Candidates per request: the held-out item + negatives (the bundled adapter was gated at 5)."
+    ),
+    history: int = typer.Option(5, min=0, help="History items per request (the bundled adapter was gated at 5)."),
     policy: Optional[str] = typer.Option(
         None, help=POLICY_HELP + GATED_POLICY_HELP
     ),
@@ -43,7 +46,7 @@ def demo(
     from rcllm.store import IncompatibleCacheError
 
     settings = DemoSettings(dataset=dataset, out=out, nodes=nodes, requests=requests, candidates=candidates,
-                            policy=policy, model=model, concurrency=concurrency, seed=seed)
+                            history=history, policy=policy, model=model, concurrency=concurrency, seed=seed)
     try:
         with Progress(console=err, transient=True) as progress:
             result = run_demo(settings, reporter=RichReporter(progress), log=lambda m: progress.console.print(f"[dim]{m}[/]"))
