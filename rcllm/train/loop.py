@@ -28,6 +28,7 @@ from rcllm.data.dataset import Dataset
 from rcllm.engine.forward import BlockEngine
 from rcllm.engine.models import (
     LoadedModel,
+    adapter_rank,
     is_adapter_folder,
     load_adapter_base,
     load_model,
@@ -182,7 +183,7 @@ def _prepare(lm: LoadedModel, settings: TrainSettings, adapter: Path | None = No
         except ImportError as e:
             raise ValueError("--method lora needs the peft package: pip install peft (or use --method full)") from e
         if adapter is not None:
-            rank = json.loads((adapter / "adapter_config.json").read_text()).get("r")
+            rank = adapter_rank(adapter)
             if rank != settings.lora_rank:
                 raise ValueError(f"{adapter} is a rank-{rank} adapter: continue it with --lora-rank {rank}")
             peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)

@@ -19,7 +19,7 @@ One job per module:
 - ``load``: :func:`load_model` and :func:`wrap_model`, which put the others together
 """
 
-from rcllm.engine.models.adapter import ADAPTER_FILE, is_adapter_folder, read_adapter, write_adapter
+from rcllm.engine.models.adapter import ADAPTER_FILE, adapter_rank, is_adapter_folder, read_adapter, write_adapter
 from rcllm.engine.models.convert import pull_embedded, transformers_progress
 from rcllm.engine.models.fingerprint import state_dict_hash
 from rcllm.engine.models.load import LoadedModel, load_adapter_base, load_model, resolve_model, wrap_model
@@ -48,6 +48,7 @@ __all__ = [
     "LoadedModel",
     "ModelNotFoundError",
     "UnsupportedModelError",
+    "adapter_rank",
     "check_supported",
     "embedded_dir",
     "is_adapter_folder",

@@ -51,6 +51,11 @@ def read_adapter(folder: str | os.PathLike) -> AdapterInfo:
     return info
 
 
+def adapter_rank(folder: str | os.PathLike) -> int | None:
+    """The LoRA rank an adapter folder was trained with (peft's config)."""
+    return json.loads((Path(folder) / PEFT_CONFIG).read_text()).get("r")
+
+
 def base_name(name: str) -> str:
     """How an adapter records its base: a local folder as an absolute path, anything else as given."""
     folder = Path(name).expanduser()

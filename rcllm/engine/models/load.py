@@ -204,9 +204,11 @@ def load_adapter_base(folder: str | os.PathLike, device="cpu", dtype=torch.float
     if Path(info.base).expanduser().absolute() == folder.absolute():
         raise ValueError(f"adapter folder {folder} names itself as its base")
     base = load_model(info.base, device=device, dtype=dtype, attn_implementation=attn_implementation)
-    # the same values in other bytes (e.g. the embedded GGUF converted by another transformers) still match
-    same_values = info.base_state is not None and state_dict_hash(base.model) == info.base_state
-    if base.fingerprint != info.base_fingerprint and not same_values:
+    # the same values in other bytes (e.g. the embedded GGUF converted by another transformers) still match;
+    # hashing every weight is only worth it when the fingerprint differs
+    if base.fingerprint != info.base_fingerprint and not (
+        info.base_state is not None and state_dict_hash(base.model) == info.base_state
+    ):
         raise ValueError(
             f"adapter {folder} was trained on {info.base} with fingerprint {info.base_fingerprint[:12]}, but "
             f"{info.base} now loads as {base.fingerprint[:12]}: its weights changed, so the adapter no longer "
