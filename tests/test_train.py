@@ -262,6 +262,8 @@ def test_adapter_only_folder_loads_as_the_merged_model_and_guards_its_base(tmp_p
     assert any("q_proj" in n for n in changed)  # the adapter was applied, not skipped
 
     description = json.loads((adapter_dir / ADAPTER_FILE).read_text())
+    # peft's config names the base as the run was given it, not the folder it was loaded from
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == description["base"]
     assert description["base"] == str(Path(base).resolve()) and description["base_fingerprint"] == plain.fingerprint
     # the base's file bytes differ (another conversion) but its values are the same: it loads, same identity
     (adapter_dir / ADAPTER_FILE).write_text(json.dumps({**description, "base_fingerprint": "0" * 64}))
