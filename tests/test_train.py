@@ -283,6 +283,23 @@ def test_adapter_only_folder_loads_as_the_merged_model_and_guards_its_base(tmp_p
         train(_settings(tmp_path / "full", base, method="full", adapter_only=True), dataset=small_data)
 
 
+def test_an_adapter_names_its_base_as_given_not_where_peft_loaded_it(tmp_path):
+    """peft writes the folder its base was loaded from (for the embedded model, this machine's
+    converted copy); the adapter folder names the base as the run was given it, in both files."""
+    from rcllm.engine.models.adapter import ADAPTER_FILE, adapter_rank, read_adapter, write_adapter
+
+    class SavesLikePeft:
+        def save_pretrained(self, folder):
+            (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/machine/cache/x", "r": 8}))
+            (folder / "adapter_model.safetensors").write_bytes(b"")
+            (folder / "README.md").write_text("model card")
+
+    write_adapter(tmp_path, SavesLikePeft(), "smollm2-135m", "f" * 64, "s" * 64)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    assert read_adapter(tmp_path).base == "smollm2-135m" and adapter_rank(tmp_path) == 8  # the rest of peft's config kept
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", ADAPTER_FILE}
+
+
 def test_an_adapter_only_run_from_an_adapter_trains_that_adapter_further(tmp_path, tiny_models, small_data):
     from safetensors.torch import load_file
 
