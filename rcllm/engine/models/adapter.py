@@ -69,11 +69,12 @@ def write_adapter(folder: Path, peft_model, base: str, base_fingerprint: str, ba
     (folder / "README.md").unlink(missing_ok=True)  # peft's model card template, empty here
     # peft records the folder the base was loaded from (for the embedded model, a converted copy in
     # this machine's cache); name the base as the run was given it instead, as ADAPTER_FILE does
+    name = base_name(base)
     config_path = folder / PEFT_CONFIG
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base_name(base)
+    config["base_model_name_or_path"] = name
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    description = {"base": base_name(base), "base_fingerprint": base_fingerprint, "base_state": base_state,
+    description = {"base": name, "base_fingerprint": base_fingerprint, "base_state": base_state,
                    "format": "peft-lora"}  # fmt: skip
     (folder / ADAPTER_FILE).write_text(json.dumps(description, indent=2) + "\n")
 
