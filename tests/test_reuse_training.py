@@ -158,6 +158,32 @@ def test_distillation_pulls_the_block_aware_student_towards_the_teachers_plain_p
     assert set(attention) == {"own_item", "history", "other_items", "system"} and len(attention["own_item"]) == 2
 
 
+def test_a_self_teacher_pulls_reuse_towards_the_students_own_plain_prefill(tmp_path, tiny_models):
+    """--teacher self: the target is the student's plain prefill at the current weights (no
+    second model). The KL starts above 0 (a teacher read under reuse would make it 0) and falls,
+    and after training the student's reuse is closer to its own plain prefill than before."""
+    data = make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
+    settings = TrainSettings(
+        out=tmp_path / "student", model=str(tiny_models["llama"]), teacher="self", method="full", steps=30, batch=4,
+        lr=3e-3, history=2, candidates=4, block_aware="on", eval_every=30, val_users=2, amp="off",
+        schedule="constant", recent=1, temperature=1.0,
+    )
+    ranker = open_ranker(str(tiny_models["llama"]))
+    prompts = _encode(ranker, [(HISTORY, CANDIDATES), (HISTORY[1:], CANDIDATES[::-1])])
+    ids = ranker.builder.label_token_ids
+
+    def gap(lm) -> float:  # KL(plain || reuse) of the label distributions on the probe prompts
+        with torch.no_grad():
+            reuse = answer_logits(lm.model, collate(prompts, True), lm.inv_freq, lm.head_dim)
+            plain = answer_logits(lm.model, collate(prompts, False), lm.inv_freq, lm.head_dim)
+        return distill_loss(reuse, plain, collate(prompts, True), ids, 1.0).item()
+
+    report = train(settings, dataset=data).report
+    kls = [p["kl"] for p in report["loss_parts"]]
+    assert kls[0] > 1e-4 and sum(kls[-5:]) < 0.5 * sum(kls[:5])
+    assert gap(load_model(str(tmp_path / "student"))) < gap(ranker.engine.lm)
+
+
 def test_a_teacher_of_another_shape_is_refused_before_training(tmp_path, tiny_models):
     from conftest import tiny_model_dir
 

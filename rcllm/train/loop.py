@@ -64,6 +64,7 @@ from rcllm.train.settings import (
     PLOT_FILE,
     REPORT_FILE,
     RESUME_KEYS,
+    SELF_TEACHER,
     Progress,
     TrainSettings,
 )
@@ -111,8 +112,9 @@ def stream_start(model_path: str) -> int:
 
 
 def _load_teacher(settings: TrainSettings, student: LoadedModel) -> LoadedModel | None:
-    """The frozen teacher of distillation; it must read the same token ids as the student."""
-    if settings.teacher is None:
+    """The frozen teacher of distillation; it must read the same token ids as the student. None
+    without a teacher, and for ``--teacher self`` (the student's own plain prefill teaches)."""
+    if settings.teacher is None or settings.teacher == SELF_TEACHER:
         return None
     teacher = load_model(settings.teacher, device=settings.device, dtype=torch.float32)
     if teacher.tokenizer_hash != student.tokenizer_hash:
@@ -343,7 +345,7 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             aware = settings.block_aware_at(step)
             tails = settings.tails_at(step) if aware else 0.0
             batch = collate(prompts, aware, lm.device, tails, settings.tail_floor if aware else 0)
-            distil = teacher is not None and aware
+            distil = settings.teacher is not None and aware
             hidden: list | None = [] if distil and settings.hidden_weight else None
             states: list | None = [] if settings.match_weight else None
             with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -352,7 +354,8 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
                     with torch.no_grad():
                         taught: list | None = [] if hidden is not None else None
                         plain = collate(prompts, False, lm.device)
-                        teacher_logits = answer_logits(teacher.model, plain, teacher.inv_freq, teacher.head_dim, taught)
+                        source = lm if teacher is None else teacher  # self: the weights being trained, read plainly
+                        teacher_logits = answer_logits(source.model, plain, source.inv_freq, source.head_dim, taught)
             loss = label_loss(logits, batch, label_ids)
             parts = {"ce": loss.item(), **({"tails": tails} if settings.curriculum else {})}
             if states is not None:

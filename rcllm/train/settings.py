@@ -24,11 +24,13 @@ RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "blo
                "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers", "recent", "link_tokens",
                "instruction", "categories_last", "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum", "tail_floor")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
+SELF_TEACHER = "self"  # --teacher self: the student's own plain prefill, at the current step's weights
 LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
 DISTILL_LOSS = (
     "on block-aware steps, plus distill_weight * T^2 KL(teacher || student) of the label distributions at "
     "temperature T, plus hidden_weight * the teacher-normalised squared error of every layer's hidden states at "
-    "the fresh tokens (labels, links, instruction); the teacher is a plain prefill of the same prompt"
+    "the fresh tokens (labels, links, instruction); the teacher is a plain prefill of the same prompt (with teacher "
+    "'self', the student's own, without gradient, at each step's weights)"
 )
 
 Progress = Callable[[int, int, dict], None]  # (steps done, total steps, logs of the step)
@@ -59,7 +61,7 @@ class TrainSettings:
     link_tokens: int | None = None  # fresh link tokens after each item (None: the start model's template, else 0)
     instruction: str | None = None  # the text after the last candidate (None: the start model's template's)
     categories_last: bool | None = None  # item text ends with its categories (None: the start model's template's)
-    teacher: str | None = None  # a model whose plain prefill block-aware steps are distilled from
+    teacher: str | None = None  # a model whose plain prefill block-aware steps are distilled from; "self": the student
     distill_weight: float = 1.0
     hidden_weight: float = 1.0
     temperature: float = 2.0
