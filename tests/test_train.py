@@ -208,6 +208,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, tiny_models, small_d
         (dict(block_aware="sometimes"), "block-aware"),
         (dict(schedule="step"), "schedule"),
         (dict(train_layers=3), "has 2 decoder layers"),
+        (dict(checkpoint_minutes=-1), "checkpoint-minutes"),
     ]:
         with pytest.raises(ValueError, match=message):
             train(_settings(tmp_path, tiny_models["llama"], **bad), dataset=small_data)
@@ -384,6 +385,29 @@ def test_interrupt_saves_a_checkpoint_and_resume_finishes_the_same_run(tmp_path,
     assert [e["step"] for e in resumed.report["evals"]] == [0, 2, 4, 5]
     assert resumed.report["losses"] == pytest.approx(straight.report["losses"], abs=1e-5)
     assert not ckpt.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_run_killed_without_warning_resumes_from_its_last_periodic_checkpoint(tmp_path, tiny_models, small_data):
+    # checkpoint after every step; then the process "dies" at step 3: an error the loop does not catch,
+    # like a machine shut down under it, so nothing is saved on the way out
+    settings = _settings(tmp_path, tiny_models["llama"], steps=5, checkpoint_minutes=1e-9)
+
+    def die_after_3(step, total, logs):
+        if step == 3:
+            raise SystemError("machine lost")
+
+    with pytest.raises(SystemError):
+        train(settings, dataset=small_data, progress=die_after_3)
+    ckpt = checkpoint_dir(tmp_path / "model")
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 3 and not (tmp_path / "model").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        train(settings, dataset=small_data)
+    resumed = train(_settings(tmp_path, tiny_models["llama"], steps=5, resume=True), dataset=small_data)
+    straight = train(_settings(tmp_path / "b", tiny_models["llama"], steps=5, checkpoint_minutes=0), dataset=small_data)
+    assert resumed.report["losses"] == pytest.approx(straight.report["losses"], abs=1e-5)
+    assert [e["step"] for e in resumed.report["evals"]] == [0, 2, 4, 5]
+    assert not ckpt.exists() and _leftovers(tmp_path) == []
+    assert not checkpoint_dir(tmp_path / "b" / "model").exists()
 
 
 def test_resume_refuses_changed_settings(tmp_path, tiny_models, small_data):

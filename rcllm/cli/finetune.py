@@ -103,6 +103,10 @@ def finetune(
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run whose checkpoint is in OUT.ckpt."),
+    checkpoint_minutes: float = typer.Option(
+        10.0, min=0, help="Save a checkpoint in OUT.ckpt this often while training, so a run whose machine dies "
+        "loses at most this much (--resume continues it). 0: only when the run is stopped (Ctrl-C, out of memory).",
+    ),
 ) -> None:
     """Fine-tune a ranker on the prompts it serves (time split; LoRA or full; block-aware attention)."""
     import torch
@@ -121,6 +125,7 @@ def finetune(
         link_tokens=link_tokens, instruction=None if instruction is None else instruction.replace("\\n", "\n"),
         categories_last=categories_last, teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
         temperature=temperature, match_weight=match_weight, curriculum=curriculum, tail_floor=tail_floor, data_dir=data_dir, resume=resume,
+        checkpoint_minutes=checkpoint_minutes,
     )
     k = headline_hit_rate(candidates)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),

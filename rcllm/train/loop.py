@@ -325,6 +325,12 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     def due(step: int) -> bool:
         return step == 0 or step == settings.steps or step % settings.eval_every == 0
 
+    last_saved = time.perf_counter()
+
+    def checkpoint_due(step: int) -> bool:
+        minutes = settings.checkpoint_minutes
+        return bool(minutes) and step < settings.steps and time.perf_counter() - last_saved >= minutes * 60
+
     if progress:
         progress(state["step"], settings.steps, {})
     label_ids = builder.label_token_ids
@@ -384,6 +390,10 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             logs = {"loss": state["losses"][-1], "block_aware": aware, "parts": parts, "grad_norm": float(grad_norm)}
             if due(state["step"]):
                 evaluate(logs)
+            if checkpoint_due(state["step"]):
+                # a killed machine (no Ctrl-C, no exception) then loses at most this many minutes
+                save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
+                last_saved = time.perf_counter()
             if progress:
                 progress(state["step"], settings.steps, logs)
     except BaseException as error:

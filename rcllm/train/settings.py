@@ -70,6 +70,7 @@ class TrainSettings:
     tail_floor: int = 0  # block-aware steps always recompute at least the last K tokens of every item (served: tail:K)
     data_dir: Path | None = None
     resume: bool = False
+    checkpoint_minutes: float = 10.0  # save a resumable checkpoint this often while training (0: only when stopped)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -114,6 +115,8 @@ class TrainSettings:
             raise ValueError("--tail-floor must be >= 0 tokens (0: the tails shrink to nothing)")
         if self.tail_floor and self.block_aware == "off":
             raise ValueError("--tail-floor shapes block-aware steps: pass --block-aware on or mix with it")
+        if self.checkpoint_minutes < 0:
+            raise ValueError("--checkpoint-minutes must be >= 0 (0: a checkpoint only when the run is stopped)")
         if self.steps < 0 or self.history < 0:
             raise ValueError("steps and history must be >= 0")
         if not self.lr or self.lr <= 0:
