@@ -184,6 +184,40 @@ def test_a_self_teacher_pulls_reuse_towards_the_students_own_plain_prefill(tmp_p
     assert gap(load_model(str(tmp_path / "student"))) < gap(ranker.engine.lm)
 
 
+def test_a_mutual_teacher_trains_the_plain_prefill_and_pulls_both_ways(tmp_path, tiny_models):
+    """--teacher mutual: the plain prefill is trained with the label and towards reuse, with
+    gradient (--teacher self holds it fixed). Both KL directions start above 0 and fall, the
+    prefill's own cross-entropy falls, and the plain prefill ends closer to reuse than the same run
+    with a self teacher leaves it."""
+    data = make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
+    ranker = open_ranker(str(tiny_models["llama"]))
+    prompts = _encode(ranker, [(HISTORY, CANDIDATES), (HISTORY[1:], CANDIDATES[::-1])])
+    ids = ranker.builder.label_token_ids
+
+    def run(teacher: str) -> tuple[dict, float]:
+        settings = TrainSettings(
+            out=tmp_path / teacher, model=str(tiny_models["llama"]), teacher=teacher, method="full", steps=30,
+            batch=4, lr=3e-3, history=2, candidates=4, block_aware="on", eval_every=30, val_users=2, amp="off",
+            schedule="constant", recent=1, temperature=1.0, hidden_weight=0.0, distill_weight=4.0,
+        )
+        report = train(settings, dataset=data).report
+        lm = load_model(str(tmp_path / teacher))
+        with torch.no_grad():  # KL(reuse || plain): how far the prefill is from what reuse computes
+            reuse = answer_logits(lm.model, collate(prompts, True), lm.inv_freq, lm.head_dim)
+            plain = answer_logits(lm.model, collate(prompts, False), lm.inv_freq, lm.head_dim)
+        return report, distill_loss(plain, reuse, collate(prompts, False), ids, 1.0).item()
+
+    report, mutual_gap = run("mutual")
+    parts = report["loss_parts"]
+    back = [p["kl_back"] for p in parts]
+    plain_ce = [p["ce_plain"] for p in parts]
+    assert back[0] > 1e-4 and sum(back[-5:]) < 0.5 * sum(back[:5])
+    assert sum(plain_ce[-5:]) < sum(plain_ce[:5])
+    self_report, self_gap = run("self")
+    assert "kl_back" not in self_report["loss_parts"][0]
+    assert mutual_gap < self_gap
+
+
 def test_a_teacher_of_another_shape_is_refused_before_training(tmp_path, tiny_models):
     from conftest import tiny_model_dir
 

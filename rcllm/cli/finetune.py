@@ -82,7 +82,8 @@ def finetune(
         None, help="Distil block-aware steps from this model's plain prefill of the same prompt (e.g. a causal "
         "fine-tune): KL of the label distributions plus the hidden states of the fresh tokens. 'self': the model being "
         "trained, read with a plain prefill at each step (no gradient): reuse learns to follow the very prefill the "
-        "gate compares it with. Default: no teacher.",
+        "gate compares it with. 'mutual': the plain prefill trains too (its own cross-entropy) and the KL runs both "
+        "ways, so the prefill also learns to rank from what reuse can see. Default: no teacher.",
     ),
     distill_weight: float = typer.Option(1.0, min=0.0, help="Weight of the KL term (with --teacher)."),
     hidden_weight: float = typer.Option(1.0, min=0.0, help="Weight of the hidden-state term (with --teacher; 0: off)."),

@@ -64,6 +64,7 @@ from rcllm.train.settings import (
     PLOT_FILE,
     REPORT_FILE,
     RESUME_KEYS,
+    MUTUAL_TEACHER,
     SELF_TEACHER,
     Progress,
     TrainSettings,
@@ -113,8 +114,8 @@ def stream_start(model_path: str) -> int:
 
 def _load_teacher(settings: TrainSettings, student: LoadedModel) -> LoadedModel | None:
     """The frozen teacher of distillation; it must read the same token ids as the student. None
-    without a teacher, and for ``--teacher self`` (the student's own plain prefill teaches)."""
-    if settings.teacher is None or settings.teacher == SELF_TEACHER:
+    without a teacher, and for ``--teacher self`` and ``mutual`` (the student's own plain prefill teaches)."""
+    if settings.teacher in (None, SELF_TEACHER, MUTUAL_TEACHER):
         return None
     teacher = load_model(settings.teacher, device=settings.device, dtype=torch.float32)
     if teacher.tokenizer_hash != student.tokenizer_hash:
@@ -352,28 +353,38 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             tails = settings.tails_at(step) if aware else 0.0
             batch = collate(prompts, aware, lm.device, tails, settings.tail_floor if aware else 0)
             distil = settings.teacher is not None and aware
+            mutual = distil and settings.teacher == MUTUAL_TEACHER
             hidden: list | None = [] if distil and settings.hidden_weight else None
             states: list | None = [] if settings.match_weight else None
             with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = answer_logits(model, batch, lm.inv_freq, lm.head_dim, hidden, labels=states)
                 if distil:
-                    with torch.no_grad():
+                    with torch.set_grad_enabled(mutual):  # mutual: the plain prefill learns too
                         taught: list | None = [] if hidden is not None else None
                         plain = collate(prompts, False, lm.device)
-                        source = lm if teacher is None else teacher  # self: the weights being trained, read plainly
+                        source = lm if teacher is None else teacher  # self/mutual: the weights being trained
                         teacher_logits = answer_logits(source.model, plain, source.inv_freq, source.head_dim, taught)
             loss = label_loss(logits, batch, label_ids)
             parts = {"ce": loss.item(), **({"tails": tails} if settings.curriculum else {})}
+            if mutual:
+                plain_ce = label_loss(teacher_logits, plain, label_ids)
+                parts["ce_plain"] = plain_ce.item()
+                loss = loss + plain_ce
             if states is not None:
                 m = match_loss(match_scores(model, states[0], match_ids), batch)
                 parts["match"] = m.item()
                 loss = loss + settings.match_weight * m
             if distil:
-                kl = distill_loss(logits, teacher_logits, batch, label_ids, settings.temperature)
+                kl = distill_loss(logits, teacher_logits.detach(), batch, label_ids, settings.temperature)
                 parts["kl"] = kl.item()
+                if mutual:  # and the prefill towards reuse: each side's target held fixed
+                    back = distill_loss(teacher_logits, logits.detach(), plain, label_ids, settings.temperature)
+                    parts["kl_back"] = back.item()
+                    kl = kl + back
                 loss = loss + settings.distill_weight * kl
                 if hidden is not None:
-                    h = hidden_loss(hidden[first_trained:], taught[first_trained:], batch.fresh)
+                    taught = [t.detach() for t in taught[first_trained:]]
+                    h = hidden_loss(hidden[first_trained:], taught, batch.fresh)
                     parts["hidden"] = h.item()
                     loss = loss + settings.hidden_weight * h
             loss.backward()

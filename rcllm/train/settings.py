@@ -25,12 +25,16 @@ RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "blo
                "instruction", "categories_last", "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum", "tail_floor")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
 SELF_TEACHER = "self"  # --teacher self: the student's own plain prefill, at the current step's weights
+# --teacher mutual: the plain prefill and reuse of the same weights each learn the label and each other, both with
+# gradient, so the prefill is also pulled towards what reuse can compute (deep mutual learning, Zhang et al. 2018)
+MUTUAL_TEACHER = "mutual"
 LOSS = "cross-entropy of the positive's label over the C candidates' label tokens, at the last prompt token"
 DISTILL_LOSS = (
     "on block-aware steps, plus distill_weight * T^2 KL(teacher || student) of the label distributions at "
     "temperature T, plus hidden_weight * the teacher-normalised squared error of every layer's hidden states at "
     "the fresh tokens (labels, links, instruction); the teacher is a plain prefill of the same prompt (with teacher "
-    "'self', the student's own, without gradient, at each step's weights)"
+    "'self', the student's own, without gradient, at each step's weights; with teacher 'mutual', the student's own "
+    "with gradient: its cross-entropy is added and the KL is taken both ways, each side's target without gradient)"
 )
 
 Progress = Callable[[int, int, dict], None]  # (steps done, total steps, logs of the step)
