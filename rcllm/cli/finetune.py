@@ -153,7 +153,7 @@ def finetune(
                     split = f" ({_loss_split(mean_by_attention(window))})" if settings.block_aware == "mix" else ""
                     terms = "".join(
                         f", {name} {sum(e[name] for e in extra if name in e) / n:.3f}"
-                        for name in ("tails", "kl", "hidden", "match", "grad_norm")
+                        for name in ("tails", "ce_plain", "kl", "kl_back", "hidden", "match", "grad_norm")
                         if (n := sum(name in e for e in extra))
                     )
                     progress.console.print(
