@@ -108,6 +108,11 @@ def finetune(
         10.0, min=0, help="Save a checkpoint in OUT.ckpt this often while training, so a run whose machine dies "
         "loses at most this much (--resume continues it). 0: only when the run is stopped (Ctrl-C, out of memory).",
     ),
+    minutes: float = typer.Option(
+        0.0, min=0, help="A budget of training time (validation not counted): the learning-rate schedule follows "
+        "--steps or the minutes spent, whichever is further along, and the run ends, validates and writes the "
+        "model when either runs out (training.json's stopped_by says which). 0: --steps alone.",
+    ),
 ) -> None:
     """Fine-tune a ranker on the prompts it serves (time split; LoRA or full; block-aware attention)."""
     import torch
@@ -126,7 +131,7 @@ def finetune(
         link_tokens=link_tokens, instruction=None if instruction is None else instruction.replace("\\n", "\n"),
         categories_last=categories_last, teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
         temperature=temperature, match_weight=match_weight, curriculum=curriculum, tail_floor=tail_floor, data_dir=data_dir, resume=resume,
-        checkpoint_minutes=checkpoint_minutes,
+        checkpoint_minutes=checkpoint_minutes, minutes=minutes,
     )
     k = headline_hit_rate(candidates)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
@@ -197,7 +202,8 @@ def _loss_split(means: dict[str, float], suffix: str = "") -> str:
 
 def _print_result(report: dict, out: Path) -> None:
     final = report["final"]["val"]
-    table = Table(title=f"validation after {report['steps']} steps, {report['data']['validation_users']} users, "
+    stopped = " (--minutes spent)" if report.get("stopped_by") == "minutes" else ""
+    table = Table(title=f"validation after {report['steps']} steps{stopped}, {report['data']['validation_users']} users, "
                         f"{report['settings']['candidates']} candidates")  # fmt: skip
     for column in ("ranker", "hr@1", "hr@10", "ndcg@10", "mrr"):
         table.add_column(column, justify="right" if column != "ranker" else "left")

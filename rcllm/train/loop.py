@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -202,11 +203,13 @@ def _prepare(lm: LoadedModel, settings: TrainSettings, adapter: Path | None = No
     return peft_model
 
 
-def _optimizer(model: torch.nn.Module, settings: TrainSettings):
+def _optimizer(model: torch.nn.Module, settings: TrainSettings, training_seconds: Callable[[], float]):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, settings.steps, settings.schedule)
+        optimizer,
+        lambda s: lr_factor(min(settings.scheduled_step(s, training_seconds()), max(settings.steps - 1, 0)),
+                            settings.steps, settings.schedule),
     )
     return optimizer, scheduler
 
@@ -293,9 +296,9 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
     encoder = PromptEncoder(Ranker(BlockEngine(lm), builder), dataset.items)
     peft_model = _prepare(lm, settings, continued)
     model = lm.model
-    optimizer, scheduler = _optimizer(model, settings)
     state = {"step": 0, "evals": [], "losses": [], "seconds": {"training": 0.0, "validation": 0.0},
              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "interruptions": 0}  # fmt: skip
+    optimizer, scheduler = _optimizer(model, settings, lambda: state["seconds"]["training"])
     if settings.resume:
         state = _restore(ckpt_dir, settings, model, optimizer, scheduler)
     state["settings"] = settings.to_json()
@@ -345,12 +348,12 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
             evaluate(logs)
             if progress:
                 progress(state["step"], settings.steps, logs)
-        while state["step"] < settings.steps:
+        while settings.scheduled_step(state["step"], state["seconds"]["training"]) < settings.steps:
             step = state["step"]
             started = time.perf_counter()
             prompts = [encoder.encode(e) for e in stream.batch(first + step, settings.batch)]
             aware = settings.block_aware_at(step)
-            tails = settings.tails_at(step) if aware else 0.0
+            tails = settings.tails_at(settings.scheduled_step(step, state["seconds"]["training"])) if aware else 0.0
             batch = collate(prompts, aware, lm.device, tails, settings.tail_floor if aware else 0)
             distil = settings.teacher is not None and aware
             mutual = distil and settings.teacher == MUTUAL_TEACHER
@@ -405,6 +408,11 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
                 # a killed machine (no Ctrl-C, no exception) then loses at most this many minutes
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
                 last_saved = time.perf_counter()
+            if progress:
+                progress(state["step"], settings.steps, logs)
+        if not state["evals"] or state["evals"][-1]["step"] != state["step"]:  # stopped by --minutes between validations
+            logs = {}
+            evaluate(logs)
             if progress:
                 progress(state["step"], settings.steps, logs)
     except BaseException as error:
@@ -464,6 +472,7 @@ def _report(settings, state, stream, base, lm, dataset_name) -> dict:
         "grad_norms": state.get("grad_norms", []),
         "training_precision": "bf16 autocast, fp32 weights" if state.get("autocast_bf16") else "fp32",
         "steps": state["step"],
+        "stopped_by": "minutes" if state["step"] < settings.steps else "steps",
         # the example stream's steps this run drew: a run from this folder continues at next_step
         "examples": {"first_step": state.get("first_example_step", 0),
                      "next_step": state.get("first_example_step", 0) + state["step"]},

@@ -75,6 +75,7 @@ class TrainSettings:
     data_dir: Path | None = None
     resume: bool = False
     checkpoint_minutes: float = 10.0  # save a resumable checkpoint this often while training (0: only when stopped)
+    minutes: float = 0.0  # a budget of training time: the schedule follows steps or time, whichever is further (0: off)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -121,6 +122,8 @@ class TrainSettings:
             raise ValueError("--tail-floor shapes block-aware steps: pass --block-aware on or mix with it")
         if self.checkpoint_minutes < 0:
             raise ValueError("--checkpoint-minutes must be >= 0 (0: a checkpoint only when the run is stopped)")
+        if self.minutes < 0:
+            raise ValueError("--minutes must be >= 0 (0: the run ends after --steps, however long they take)")
         if self.steps < 0 or self.history < 0:
             raise ValueError("steps and history must be >= 0")
         if not self.lr or self.lr <= 0:
@@ -149,6 +152,14 @@ class TrainSettings:
 
     def block_aware_at(self, step: int) -> bool:
         return block_aware_step(self.block_aware, step)
+
+    def scheduled_step(self, step: int, training_seconds: float) -> int:
+        """The step the schedule is at: ``step``, or with a --minutes budget, the share of the budget
+        spent times --steps when that is further along, so the learning rate decays over whichever of
+        steps or time runs out first and the run stops (at ``steps``) with its schedule completed."""
+        if not self.minutes:
+            return step
+        return max(step, min(self.steps, int(training_seconds / (self.minutes * 60) * self.steps)))
 
     def tails_at(self, step: int) -> float:
         """The share of each item block recomputed at block-aware step ``step``: from 1 (a plain
