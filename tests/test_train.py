@@ -327,7 +327,7 @@ def test_an_adapter_only_run_from_an_adapter_trains_that_adapter_further(tmp_pat
 
 
 def test_learning_rate_warms_up_then_follows_its_schedule():
-    from rcllm.train.loop import lr_factor
+    from rcllm.train.settings import lr_factor
 
     steps = 200  # warm-up: 20 steps
     for schedule in ("cosine", "linear", "constant"):

@@ -9,7 +9,7 @@ import pytest
 from rcllm.data.synthetic import make_synthetic
 from rcllm.engine.models import load_model
 from rcllm.train import TrainSettings, train
-from rcllm.train.loop import lr_factor
+from rcllm.train.settings import lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,18 @@ def test_the_schedule_follows_steps_or_the_time_spent_whichever_is_further():
     # the learning rate at half the budget is the schedule's half-way rate, not the 10th step's
     assert lr_factor(timed.scheduled_step(10, 60.0), 100, "cosine") == pytest.approx(lr_factor(50, 100, "cosine"))
     assert lr_factor(timed.scheduled_step(10, 60.0), 100, "cosine") < 0.6 < lr_factor(10, 100, "cosine")
+
+
+def test_a_time_budget_keeps_the_warm_up_and_decays_over_the_time_spent():
+    timed = TrainSettings(steps=100_000, minutes=10.0)  # far more steps than the budget reaches
+    # the warm-up counts steps taken: 20 of them, however far the clock is
+    assert timed.lr_factor_at(0, 30.0) == pytest.approx(1 / 20)
+    assert timed.lr_factor_at(19, 30.0) == 1.0
+    # after it the cosine follows the clock: half the budget spent, half the peak rate
+    assert timed.lr_factor_at(25, 300.0) == pytest.approx(0.5, abs=0.01)
+    assert timed.lr_factor_at(25, 599.0) < 0.01
+    plain = TrainSettings(steps=200)  # no budget: the step schedule, whatever the clock says
+    assert [plain.lr_factor_at(s, 1e6) for s in (0, 110, 199)] == [lr_factor(s, 200, "cosine") for s in (0, 110, 199)]
 
 
 def test_a_negative_budget_is_refused(tmp_path, tiny_models, small_data):

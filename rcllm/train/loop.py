@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -207,24 +206,9 @@ def _optimizer(model: torch.nn.Module, settings: TrainSettings, training_seconds
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(min(settings.scheduled_step(s, training_seconds()), max(settings.steps - 1, 0)),
-                            settings.steps, settings.schedule),
+        optimizer, lambda s: settings.lr_factor_at(s, training_seconds())
     )
     return optimizer, scheduler
-
-
-def lr_factor(step: int, steps: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based) of ``steps``:
-    a linear warm-up over the first tenth (at most 20 steps), then constant or a cosine/linear
-    decay towards 0 (the last step still learns, at a small rate)."""
-    warmup = max(1, min(20, steps // 10))
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    done = min(1.0, (step + 1 - warmup) / (steps - warmup + 1))
-    return 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def _restore(folder: Path, settings: TrainSettings, model, optimizer, scheduler) -> dict:

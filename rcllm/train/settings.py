@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import math
+
 import torch
 
 from rcllm.data.sampling import DEFAULT_CANDIDATES, DEFAULT_HISTORY
@@ -161,10 +163,37 @@ class TrainSettings:
             return step
         return max(step, min(self.steps, int(training_seconds / (self.minutes * 60) * self.steps)))
 
+    def lr_factor_at(self, step: int, training_seconds: float) -> float:
+        """The multiplier of --lr at optimizer step ``step`` after ``training_seconds`` of training:
+        the warm-up counts steps taken (a time budget does not shorten it); after it, the decay follows
+        :meth:`scheduled_step`."""
+        if step < warmup_steps(self.steps):
+            return lr_factor(step, self.steps, self.schedule)
+        at = min(self.scheduled_step(step, training_seconds), max(self.steps - 1, 0))
+        return lr_factor(at, self.steps, self.schedule)
+
     def tails_at(self, step: int) -> float:
         """The share of each item block recomputed at block-aware step ``step``: from 1 (a plain
         prefill) down to 0 (reuse without correction) linearly over ``curriculum`` steps."""
         return max(0.0, 1.0 - step / self.curriculum) if self.curriculum else 0.0
+
+
+def warmup_steps(steps: int) -> int:
+    """The learning rate's linear warm-up: the first tenth of the steps, at most 20 (at least 1)."""
+    return max(1, min(20, steps // 10))
+
+
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based) of ``steps``:
+    a linear warm-up over the first tenth (at most 20 steps), then constant or a cosine/linear
+    decay towards 0 (the last step still learns, at a small rate)."""
+    warmup = warmup_steps(steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    done = min(1.0, (step + 1 - warmup) / (steps - warmup + 1))
+    return 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def _cpu_has_bf16() -> bool:
