@@ -203,8 +203,8 @@ def _loss_split(means: dict[str, float], suffix: str = "") -> str:
 def _print_result(report: dict, out: Path) -> None:
     final = report["final"]["val"]
     stopped = " (--minutes spent)" if report.get("stopped_by") == "minutes" else ""
-    table = Table(title=f"validation after {report['steps']} steps{stopped}, {report['data']['validation_users']} users, "
-                        f"{report['settings']['candidates']} candidates")  # fmt: skip
+    table = Table(title=f"validation after {report['steps']} steps{stopped}, "
+                        f"{report['data']['validation_users']} users, {report['settings']['candidates']} candidates")
     for column in ("ranker", "hr@1", "hr@10", "ndcg@10", "mrr"):
         table.add_column(column, justify="right" if column != "ranker" else "left")
     rows = [("model, contextual", final["contextual"]), ("model, uncalibrated", final["none"]),

@@ -394,7 +394,8 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
                 last_saved = time.perf_counter()
             if progress:
                 progress(state["step"], settings.steps, logs)
-        if not state["evals"] or state["evals"][-1]["step"] != state["step"]:  # stopped by --minutes between validations
+        if not state["evals"] or state["evals"][-1]["step"] != state["step"]:
+            # stopped by --minutes between two validations: validate where it stopped
             logs = {}
             evaluate(logs)
             if progress:
