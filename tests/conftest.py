@@ -121,3 +121,11 @@ def tiny_models(tmp_path_factory, smollm_path) -> dict[str, Path]:
     tokenizer = AutoTokenizer.from_pretrained(smollm_path)
     root = tmp_path_factory.mktemp("tiny-models")
     return {family: tiny_model_dir(family, root / family, tokenizer) for family in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    """A small synthetic dataset for training-loop tests (60 items, 24 users; one per test module)."""
+    from rcllm.data.synthetic import make_synthetic
+
+    return make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)

@@ -21,11 +21,6 @@ HISTORY = [f"Movie {i} ({1980 + i}); Drama" for i in range(4)]
 CANDIDATES = [f"Film number {i}; Comedy, Action" for i in range(5)]
 
 
-@pytest.fixture(scope="module")
-def small_data():
-    return make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
-
-
 def _settings(tmp_path: Path, model: Path, **overrides) -> TrainSettings:
     base = dict(
         out=tmp_path / "model", model=str(model), method="full", steps=4, batch=2, lr=1e-3, history=3,

@@ -6,15 +6,9 @@ import json
 
 import pytest
 
-from rcllm.data.synthetic import make_synthetic
 from rcllm.engine.models import load_model
 from rcllm.train import TrainSettings, train
 from rcllm.train.settings import lr_factor
-
-
-@pytest.fixture(scope="module")
-def small_data():
-    return make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
 
 
 def _settings(tmp_path, model, **overrides) -> TrainSettings:
