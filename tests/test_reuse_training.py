@@ -16,7 +16,7 @@ from rcllm.engine.models import load_model
 from rcllm.engine.prompt import TEMPLATE_FILE, model_template
 from rcllm.train import TrainSettings, train
 from rcllm.train.examples import EncodedPrompt
-from rcllm.train.forward import answer_logits, collate, distill_loss, hidden_loss, label_attention
+from rcllm.train.forward import agreement_loss, answer_logits, collate, distill_loss, hidden_loss, label_attention
 
 HISTORY = [f"Movie {i} ({1980 + i}); Drama" for i in range(3)]
 CANDIDATES = [f"Film number {i}; Comedy, Action" for i in range(4)]
@@ -99,6 +99,58 @@ def test_distill_loss_is_zero_against_itself_and_grows_with_disagreement(linked)
     off_label = logits.clone()
     off_label[0, 7] += 100.0  # not a label token: no part of the ranking
     assert distill_loss(off_label, logits, batch, labels, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_agreement_loss_punishes_a_swapped_near_tie_that_the_kl_barely_sees(linked):
+    prompts = _encode(linked, [(HISTORY, CANDIDATES)])
+    batch = collate(prompts, block_aware=True)
+    labels = linked.builder.label_token_ids
+    teacher = torch.full((1, 50_000), -20.0)
+    for label, p in zip(labels[:4], (0.30, 0.28, 0.22, 0.20)):
+        teacher[0, label] = torch.log(torch.tensor(p))
+    swapped = teacher.clone()  # the top two exchanged: a lost top choice
+    swapped[0, labels[0]], swapped[0, labels[1]] = teacher[0, labels[1]], teacher[0, labels[0]]
+    kl = distill_loss(swapped, teacher, batch, labels, 1.0).item()
+    agree, kept = agreement_loss(swapped, teacher, batch, labels).item(), agreement_loss(teacher, teacher, batch, labels).item()
+    assert kl < 5e-3 and agree > kept  # the KL hardly moves; the agreement term prefers the teacher's order
+    assert agree == pytest.approx(-torch.log(torch.tensor(0.28)).item(), rel=1e-4)  # CE at the teacher's top label
+    sure = teacher.clone()
+    sure[0, labels[0]] = 10.0
+    assert agreement_loss(sure, teacher, batch, labels).item() < 1e-4
+
+
+def test_an_agreement_term_trains_reuse_towards_the_teachers_top_choice(tmp_path, tiny_models):
+    """--agree-weight: the term is trained and reported, and the student's reuse ends closer to
+    its plain prefill's top choices than the same run without it."""
+    data = make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
+    ranker = open_ranker(str(tiny_models["llama"]))
+    prompts = _encode(ranker, [(HISTORY, CANDIDATES), (HISTORY[1:], CANDIDATES[::-1]), (HISTORY[:2], CANDIDATES[1:])])
+    ids = ranker.builder.label_token_ids
+
+    def run(weight: float) -> tuple[dict, float]:
+        settings = TrainSettings(
+            out=tmp_path / f"w{weight}", model=str(tiny_models["llama"]), teacher="self", method="full", steps=30,
+            batch=4, lr=3e-3, history=2, candidates=4, block_aware="on", eval_every=30, val_users=2, amp="off",
+            schedule="constant", recent=1, temperature=1.0, hidden_weight=0.0, distill_weight=0.0, agree_weight=weight,
+        )
+        report = train(settings, dataset=data).report
+        lm = load_model(str(tmp_path / f"w{weight}"))
+        with torch.no_grad():
+            total = 0.0
+            for p in prompts:
+                reuse = answer_logits(lm.model, collate([p], True), lm.inv_freq, lm.head_dim)
+                plain = answer_logits(lm.model, collate([p], False), lm.inv_freq, lm.head_dim)
+                total += agreement_loss(reuse, plain, collate([p], True), ids).item()
+        return report, total
+
+    report, trained = run(4.0)
+    agree = [p["agree"] for p in report["loss_parts"]]
+    assert sum(agree[-5:]) < 0.5 * sum(agree[:5])
+    untrained_report, untrained = run(0.0)
+    assert "agree" not in untrained_report["loss_parts"][0]
+    assert trained < untrained
+    with pytest.raises(ValueError, match="--teacher"):
+        train(TrainSettings(out=tmp_path / "x", model=str(tiny_models["llama"]), agree_weight=1.0), dataset=data)
 
 
 def test_hidden_loss_reads_only_the_fresh_tokens_and_weighs_every_dimension_alike(linked):

@@ -88,6 +88,11 @@ def finetune(
     distill_weight: float = typer.Option(1.0, min=0.0, help="Weight of the KL term (with --teacher)."),
     hidden_weight: float = typer.Option(1.0, min=0.0, help="Weight of the hidden-state term (with --teacher; 0: off)."),
     temperature: float = typer.Option(2.0, min=0.01, help="Softening temperature of the KL term (with --teacher)."),
+    agree_weight: float = typer.Option(
+        0.0, min=0.0, help="Weight of the cross-entropy of reuse's label distribution against the teacher's top "
+        "choice (with --teacher): top-1 agreement, trained directly, near-ties included, where the KL barely sees "
+        "a swap. 0: off.",
+    ),
     match_weight: float = typer.Option(
         0.0, min=0.0, help="Weight of the match loss: at every label token, logit(yes) - logit(no) ranks the candidates "
         "(cross-entropy of the positive), so the comparison of item and history is learnt where reuse recomputes it. 0: off.",
@@ -130,7 +135,7 @@ def finetune(
         val_users=val_users, lora_rank=lora_rank, adapter_only=adapter_only, amp=amp, schedule=schedule, train_layers=train_layers, recent=recent,
         link_tokens=link_tokens, instruction=None if instruction is None else instruction.replace("\\n", "\n"),
         categories_last=categories_last, teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
-        temperature=temperature, match_weight=match_weight, curriculum=curriculum, tail_floor=tail_floor, data_dir=data_dir, resume=resume,
+        temperature=temperature, agree_weight=agree_weight, match_weight=match_weight, curriculum=curriculum, tail_floor=tail_floor, data_dir=data_dir, resume=resume,
         checkpoint_minutes=checkpoint_minutes, minutes=minutes,
     )
     k = headline_hit_rate(candidates)

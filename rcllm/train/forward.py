@@ -213,6 +213,19 @@ def distill_loss(
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
+def agreement_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, batch: Batch, label_token_ids: Sequence[int]
+) -> torch.Tensor:
+    """Cross-entropy of the student's label distribution against the teacher's top choice: the
+    gate's top-1 agreement, trained directly. The KL term barely sees a swap of two near-tied
+    candidates (two labels at 0.30 and 0.28 exchanged cost ~1e-3 nats), yet such a swap is a lost
+    top choice; this term costs the same swap ~ln 2 until the student ranks the teacher's top
+    first."""
+    ids = torch.tensor(list(label_token_ids[: batch.n_candidates]), device=logits.device)
+    top = teacher_logits[:, ids].argmax(-1)
+    return F.cross_entropy(logits[:, ids].float(), top)
+
+
 def hidden_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], fresh: torch.Tensor) -> torch.Tensor:
     """Mean over layers, fresh tokens and dimensions of ``((h_student - h_teacher) / sigma)^2``,
     ``sigma`` being each dimension's spread over the teacher's fresh tokens of the batch.

@@ -47,6 +47,7 @@ from rcllm.train.checkpoint import (
 )
 from rcllm.train.examples import ExampleStream, PromptEncoder
 from rcllm.train.forward import (
+    agreement_loss,
     answer_logits,
     collate,
     distill_loss,
@@ -215,8 +216,11 @@ def _restore(folder: Path, settings: TrainSettings, model, optimizer, scheduler)
     ckpt = load_checkpoint(folder)
     saved = ckpt.state["settings"]
     mine = settings.to_json()
+    defaults = TrainSettings().to_json()
     differ = [
-        f"{k} ({saved.get(k)!r} in the checkpoint, {mine[k]!r} now)" for k in RESUME_KEYS if saved.get(k) != mine[k]
+        f"{k} ({saved.get(k)!r} in the checkpoint, {mine[k]!r} now)"
+        for k in RESUME_KEYS
+        if saved.get(k, defaults.get(k)) != mine[k]  # a key newer than the checkpoint: its default then
     ]
     if differ:
         raise ValueError(f"cannot resume {folder}: settings differ: {'; '.join(differ)}")
@@ -369,6 +373,10 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
                     parts["kl_back"] = back.item()
                     kl = kl + back
                 loss = loss + settings.distill_weight * kl
+                if settings.agree_weight:
+                    agree = agreement_loss(logits, teacher_logits.detach(), batch, label_ids)
+                    parts["agree"] = agree.item()
+                    loss = loss + settings.agree_weight * agree
                 if hidden is not None:
                     taught = [t.detach() for t in taught[first_trained:]]
                     h = hidden_loss(hidden[first_trained:], taught, batch.fresh)
