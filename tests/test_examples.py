@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -80,3 +81,40 @@ def test_walkthrough_runs_the_four_commands_against_each_other(tiny_models, tmp_
     for port in range(int(env["PORT"]), int(env["PORT"]) + 3):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
+
+
+SHIPPED_ADAPTERS = ["reuse-ranker", "ml100k-ranker"]
+
+
+@pytest.mark.parametrize("name", SHIPPED_ADAPTERS)
+def test_a_shipped_adapter_names_the_embedded_base_and_carries_its_gate(name):
+    """Both files that name the base say the embedded model (not a folder on the machine that
+    trained it), and the gate's policy file ships beside the weights."""
+    from rcllm.engine.model_policy import POLICY_FILE, read_policy_file
+    from rcllm.engine.models import DEFAULT_MODEL, read_adapter
+
+    folder = REPO / "examples" / name
+    peft_config = json.loads((folder / "adapter_config.json").read_text())
+    assert read_adapter(folder).base == peft_config["base_model_name_or_path"] == DEFAULT_MODEL
+    record = read_policy_file(folder / POLICY_FILE)
+    thresholds = record["thresholds"]  # the issue's goals: HR@1 within 0.02 at C <= 10, HR@10 within 0.01 above
+    assert thresholds["min_top1"] >= 0.9
+    assert thresholds["max_hr_delta"] <= {"hr@1": 0.02, "hr@10": 0.01}[thresholds["headline"]]
+
+
+@pytest.mark.slow
+def test_the_ml100k_ranker_is_served_with_the_policy_its_gate_measured_on_these_weights():
+    """examples/ml100k-ranker's gate ran on 500 ml-100k requests; the file counts only if its
+    fingerprint is that of the weights the adapter loads to here (else serving falls back)."""
+    from rcllm.engine import open_ranker
+    from rcllm.engine.model_policy import default_policy, read_policy_file
+
+    folder = REPO / "examples" / "ml100k-ranker"
+    ranker = open_ranker(str(folder))
+    chosen = default_policy(ranker.engine.lm.path, ranker.engine.lm.fingerprint)
+    assert chosen.gated, chosen.reason
+    assert chosen.policy == "tail:2"
+    record = read_policy_file(folder / "rcllm-policy.json")
+    assert (record["dataset"], record["requests"], record["candidates"]) == ("ml-100k", 500, 20)
+    row = next(r for r in record["frontier"] if r["policy"] == "tail:2")
+    assert row["top1_agree"] >= 0.9 and abs(row["hr_at_10_delta"]) <= 0.01 and row["speedup"] >= 5
