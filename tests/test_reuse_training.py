@@ -119,10 +119,10 @@ def test_agreement_loss_punishes_a_swapped_near_tie_that_the_kl_barely_sees(link
     assert agreement_loss(sure, teacher, batch, labels).item() < 1e-4
 
 
-def test_an_agreement_term_trains_reuse_towards_the_teachers_top_choice(tmp_path, tiny_models):
+def test_an_agreement_term_trains_reuse_towards_the_teachers_top_choice(tmp_path, tiny_models, small_data):
     """--agree-weight: the term is trained and reported, and the student's reuse ends closer to
     its plain prefill's top choices than the same run without it."""
-    data = make_synthetic(n_items=60, n_users=24, n_interactions_per_user=(5, 9), seed=0)
+    data = small_data
     ranker = open_ranker(str(tiny_models["llama"]))
     prompts = _encode(ranker, [(HISTORY, CANDIDATES), (HISTORY[1:], CANDIDATES[::-1]), (HISTORY[:2], CANDIDATES[1:])])
     ids = ranker.builder.label_token_ids

@@ -191,14 +191,20 @@ def match_loss(scores: torch.Tensor, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(scores, batch.targets)
 
 
+def label_logits(logits: torch.Tensor, batch: Batch, label_token_ids: Sequence[int]) -> torch.Tensor:
+    """The answer logits of the batch's C candidate labels, in fp32: the distribution every label
+    term reads (the ranking; mass on other tokens plays no part in it)."""
+    ids = torch.tensor(list(label_token_ids[: batch.n_candidates]), device=logits.device)
+    return logits[:, ids].float()
+
+
 def label_loss(logits: torch.Tensor, batch: Batch, label_token_ids: Sequence[int]) -> torch.Tensor:
     """Cross-entropy of the positive's label within the candidates' label tokens.
 
     The softmax is restricted to the C label tokens because that is exactly the distribution
     the ranker reads; mass on other tokens plays no part in a ranking.
     """
-    ids = torch.tensor(list(label_token_ids[: batch.n_candidates]), device=logits.device)
-    return F.cross_entropy(logits[:, ids].float(), batch.targets)
+    return F.cross_entropy(label_logits(logits, batch, label_token_ids), batch.targets)
 
 
 def distill_loss(
@@ -207,9 +213,8 @@ def distill_loss(
     """``T^2 * KL(teacher || student)`` of the label distributions softened by ``temperature``: the
     whole ranking the teacher reads, not only which candidate was right (Hinton et al.'s scaling
     keeps the gradient's size independent of T)."""
-    ids = torch.tensor(list(label_token_ids[: batch.n_candidates]), device=logits.device)
-    student = F.log_softmax(logits[:, ids].float() / temperature, -1)
-    teacher = F.log_softmax(teacher_logits[:, ids].float() / temperature, -1)
+    student = F.log_softmax(label_logits(logits, batch, label_token_ids) / temperature, -1)
+    teacher = F.log_softmax(label_logits(teacher_logits, batch, label_token_ids) / temperature, -1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
@@ -221,9 +226,8 @@ def agreement_loss(
     candidates (labels at 0.30 and 0.28 exchanged cost it ~1e-3 nats, a gradient of 0.02 on each),
     yet such a swap is a lost top choice; this term pushes the teacher's top label up with
     1 - p (0.72 there) whatever the margin, so it also sharpens the student beyond the teacher."""
-    ids = torch.tensor(list(label_token_ids[: batch.n_candidates]), device=logits.device)
-    top = teacher_logits[:, ids].argmax(-1)
-    return F.cross_entropy(logits[:, ids].float(), top)
+    top = label_logits(teacher_logits, batch, label_token_ids).argmax(-1)
+    return F.cross_entropy(label_logits(logits, batch, label_token_ids), top)
 
 
 def hidden_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], fresh: torch.Tensor) -> torch.Tensor:
