@@ -119,6 +119,29 @@ def test_agreement_loss_punishes_a_swapped_near_tie_that_the_kl_barely_sees(link
     assert agreement_loss(sure, teacher, batch, labels).item() < 1e-4
 
 
+def test_the_hinge_form_of_agreement_asks_only_for_a_lead_of_the_teachers_top_label(linked):
+    prompts = _encode(linked, [(HISTORY, CANDIDATES)])
+    batch = collate(prompts, block_aware=True)
+    labels = linked.builder.label_token_ids
+    teacher = torch.full((1, 50_000), -20.0)
+    for label, p in zip(labels[:4], (0.30, 0.28, 0.22, 0.20)):
+        teacher[0, label] = torch.log(torch.tensor(p))
+    swapped = teacher.clone()
+    swapped[0, labels[0]], swapped[0, labels[1]] = teacher[0, labels[1]], teacher[0, labels[0]]
+    gap = torch.log(torch.tensor(0.30 / 0.28)).item()
+    # the teacher's top trails the student's best other label by `gap`: the hinge is margin + gap
+    assert agreement_loss(swapped, teacher, batch, labels, margin=1.0).item() == pytest.approx(1.0 + gap, rel=1e-4)
+    assert agreement_loss(teacher, teacher, batch, labels, margin=1.0).item() == pytest.approx(1.0 - gap, rel=1e-4)
+    led = teacher.clone()
+    led[0, labels[0]] = teacher[0, labels[1]] + 1.5  # a lead past the margin: silent, however the rest is spread
+    led[0, labels[3]] = -5.0
+    assert agreement_loss(led, teacher, batch, labels, margin=1.0).item() == 0.0
+    grad = swapped.clone().requires_grad_(True)
+    agreement_loss(grad, teacher, batch, labels, margin=1.0).backward()
+    moved = grad.grad[0].nonzero().flatten().tolist()
+    assert sorted(moved) == sorted([labels[0], labels[1]])  # only the teacher's top and the student's runner-up
+
+
 def test_an_agreement_term_trains_reuse_towards_the_teachers_top_choice(tmp_path, tiny_models, small_data):
     """--agree-weight: the term is trained and reported, and the student's reuse ends closer to
     its plain prefill's top choices than the same run without it."""
@@ -151,6 +174,21 @@ def test_an_agreement_term_trains_reuse_towards_the_teachers_top_choice(tmp_path
     assert trained < untrained
     with pytest.raises(ValueError, match="--teacher"):
         train(TrainSettings(out=tmp_path / "x", model=str(tiny_models["llama"]), agree_weight=1.0), dataset=data)
+    with pytest.raises(ValueError, match="--agree-weight"):
+        train(TrainSettings(out=tmp_path / "x", model=str(tiny_models["llama"]), teacher="self", agree_margin=1.0), dataset=data)
+
+
+def test_a_mutual_hinge_makes_the_prefill_decisive_and_reuse_follow_it(tmp_path, tiny_models, small_data):
+    """--agree-margin with --teacher mutual: both hinges are trained and reported, and they fall."""
+    settings = TrainSettings(
+        out=tmp_path / "m", model=str(tiny_models["llama"]), teacher="mutual", method="full", steps=30, batch=4,
+        lr=3e-3, history=2, candidates=4, block_aware="on", eval_every=30, val_users=2, amp="off", schedule="constant",
+        recent=1, temperature=1.0, hidden_weight=0.0, distill_weight=0.0, agree_weight=4.0, agree_margin=1.0,
+    )
+    parts = train(settings, dataset=small_data).report["loss_parts"]
+    for key in ("agree", "agree_plain"):
+        values = [p[key] for p in parts]
+        assert sum(values[-5:]) < 0.5 * sum(values[:5]), key
 
 
 def test_hidden_loss_reads_only_the_fresh_tokens_and_weighs_every_dimension_alike(linked):

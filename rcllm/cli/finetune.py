@@ -93,6 +93,12 @@ def finetune(
         "choice (with --teacher): top-1 agreement, trained directly, near-ties included, where the KL barely sees "
         "a swap. 0: off.",
     ),
+    agree_margin: float = typer.Option(
+        0.0, min=0.0, help="With --agree-weight: make the agreement term a hinge, so reuse's logit of the teacher's "
+        "top label must lead its best other label by this many nats and is left alone once it does (no sharpening of "
+        "the rest); with --teacher mutual the plain prefill must lead its own top choice by the margin too. 0: "
+        "cross-entropy.",
+    ),
     match_weight: float = typer.Option(
         0.0, min=0.0, help="Weight of the match loss: at every label token, logit(yes) - logit(no) ranks the candidates "
         "(cross-entropy of the positive), so the comparison of item and history is learnt where reuse recomputes it. 0: off.",
@@ -135,7 +141,7 @@ def finetune(
         val_users=val_users, lora_rank=lora_rank, adapter_only=adapter_only, amp=amp, schedule=schedule, train_layers=train_layers, recent=recent,
         link_tokens=link_tokens, instruction=None if instruction is None else instruction.replace("\\n", "\n"),
         categories_last=categories_last, teacher=teacher, distill_weight=distill_weight, hidden_weight=hidden_weight,
-        temperature=temperature, agree_weight=agree_weight, match_weight=match_weight, curriculum=curriculum, tail_floor=tail_floor, data_dir=data_dir, resume=resume,
+        temperature=temperature, agree_weight=agree_weight, agree_margin=agree_margin, match_weight=match_weight, curriculum=curriculum, tail_floor=tail_floor, data_dir=data_dir, resume=resume,
         checkpoint_minutes=checkpoint_minutes, minutes=minutes,
     )
     k = headline_hit_rate(candidates)

@@ -219,15 +219,26 @@ def distill_loss(
 
 
 def agreement_loss(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, batch: Batch, label_token_ids: Sequence[int]
+    logits: torch.Tensor, teacher_logits: torch.Tensor, batch: Batch, label_token_ids: Sequence[int], margin: float = 0.0
 ) -> torch.Tensor:
-    """Cross-entropy of the student's label distribution against the teacher's top choice: the
-    gate's top-1 agreement, trained directly. The KL term barely sees a swap of two near-tied
-    candidates (labels at 0.30 and 0.28 exchanged cost it ~1e-3 nats, a gradient of 0.02 on each),
-    yet such a swap is a lost top choice; this term pushes the teacher's top label up with
-    1 - p (0.72 there) whatever the margin, so it also sharpens the student beyond the teacher."""
+    """The gate's top-1 agreement, trained directly: the student's label distribution against the
+    teacher's top choice. The KL term barely sees a swap of two near-tied candidates (labels at
+    0.30 and 0.28 exchanged cost it ~1e-3 nats, a gradient of 0.02 on each), yet such a swap is a
+    lost top choice.
+
+    ``margin`` 0: the cross-entropy against the teacher's top label, which pushes it up with 1 - p
+    (0.72 there) whatever the margin, so it also sharpens the student beyond the teacher and, under
+    a mutual teacher, the prefill through the KL. ``margin`` > 0: a hinge, the mean of
+    ``max(0, margin - (z_top - max_{j != top} z_j))`` over the student's label logits ``z``: the
+    teacher's top label must lead the student's runner-up by ``margin`` nats; once it does, the
+    term is silent, and it never touches the order or spread of the other candidates."""
+    z = label_logits(logits, batch, label_token_ids)
     top = label_logits(teacher_logits, batch, label_token_ids).argmax(-1)
-    return F.cross_entropy(label_logits(logits, batch, label_token_ids), top)
+    if margin <= 0:
+        return F.cross_entropy(z, top)
+    lead = z.gather(-1, top[:, None]).squeeze(-1)
+    others = z.scatter(-1, top[:, None], float("-inf")).amax(-1)
+    return F.relu(margin - (lead - others)).mean()
 
 
 def hidden_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], fresh: torch.Tensor) -> torch.Tensor:

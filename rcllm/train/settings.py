@@ -23,7 +23,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # what a resumed run must share with its checkpoint (steps may grow, batch may shrink after OOM)
 RESUME_KEYS = ("dataset", "model", "method", "lr", "history", "candidates", "block_aware", "seed",
                "eval_every", "val_users", "lora_rank", "amp", "schedule", "train_layers", "recent", "link_tokens",
-               "instruction", "categories_last", "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum", "tail_floor", "agree_weight")  # fmt: skip
+               "instruction", "categories_last", "teacher", "distill_weight", "hidden_weight", "temperature", "match_weight", "curriculum", "tail_floor", "agree_weight", "agree_margin")  # fmt: skip
 REPORT_FILE, PLOT_FILE = "training.json", "training.png"
 SELF_TEACHER = "self"  # --teacher self: the student's own plain prefill, at the current step's weights
 # --teacher mutual: the plain prefill and reuse of the same weights each learn the label and each other, both with
@@ -36,7 +36,9 @@ DISTILL_LOSS = (
     "the fresh tokens (labels, links, instruction); the teacher is a plain prefill of the same prompt (with teacher "
     "'self', the student's own, without gradient, at each step's weights; with teacher 'mutual', the student's own "
     "with gradient: its cross-entropy is added and the KL is taken both ways, each side's target without gradient); "
-    "plus agree_weight * the cross-entropy of the student's label distribution against the teacher's top choice"
+    "plus agree_weight * the cross-entropy of the student's label distribution against the teacher's top choice "
+    "(with agree_margin M > 0, instead the hinge max(0, M - (logit of that label - the student's best other label "
+    "logit)); with teacher 'mutual', the plain prefill gets the same hinge against its own top choice)"
 )
 
 Progress = Callable[[int, int, dict], None]  # (steps done, total steps, logs of the step)
@@ -72,6 +74,7 @@ class TrainSettings:
     hidden_weight: float = 1.0
     temperature: float = 2.0
     agree_weight: float = 0.0  # weight of the cross-entropy of reuse against the teacher's top choice (with a teacher)
+    agree_margin: float = 0.0  # > 0: the agreement term is a hinge at this margin in nats (mutual: on the prefill too)
     match_weight: float = 0.0  # weight of the match loss at the label tokens (every step)
     curriculum: int = 0  # steps over which the recomputed tail of each item (block-aware steps) falls from all to none
     tail_floor: int = 0  # block-aware steps always recompute at least the last K tokens of every item (served: tail:K)
@@ -117,6 +120,8 @@ class TrainSettings:
             raise ValueError(
                 "--distill-weight, --hidden-weight, --match-weight and --agree-weight must be >= 0 and --temperature > 0"
             )
+        if self.agree_margin < 0 or (self.agree_margin and not self.agree_weight):
+            raise ValueError("--agree-margin shapes the agreement term: pass it >= 0, with --agree-weight > 0")
         if self.agree_weight and self.teacher is None:
             raise ValueError("--agree-weight trains reuse towards a teacher's top choice: pass --teacher with it")
         if self.curriculum < 0:
