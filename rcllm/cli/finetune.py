@@ -96,8 +96,7 @@ def finetune(
     agree_margin: float = typer.Option(
         0.0, min=0.0, help="With --agree-weight: make the agreement term a hinge, so reuse's logit of the teacher's "
         "top label must lead its best other label by this many nats and is left alone once it does (no sharpening of "
-        "the rest); with --teacher mutual the plain prefill must lead its own top choice by the margin too. 0: "
-        "cross-entropy.",
+        "the rest). 0: cross-entropy.",
     ),
     match_weight: float = typer.Option(
         0.0, min=0.0, help="Weight of the match loss: at every label token, logit(yes) - logit(no) ranks the candidates "

@@ -376,10 +376,6 @@ def train(settings: TrainSettings, dataset: Dataset | None = None, progress: Pro
                 if settings.agree_weight:
                     agree = agreement_loss(logits, teacher_logits.detach(), batch, label_ids, settings.agree_margin)
                     parts["agree"] = agree.item()
-                    if mutual and settings.agree_margin:  # the prefill's own top choice must lead by the margin too
-                        decisive = agreement_loss(teacher_logits, teacher_logits.detach(), plain, label_ids, settings.agree_margin)
-                        parts["agree_plain"] = decisive.item()
-                        agree = agree + decisive
                     loss = loss + settings.agree_weight * agree
                 if hidden is not None:
                     taught = [t.detach() for t in taught[first_trained:]]

@@ -38,7 +38,7 @@ DISTILL_LOSS = (
     "with gradient: its cross-entropy is added and the KL is taken both ways, each side's target without gradient); "
     "plus agree_weight * the cross-entropy of the student's label distribution against the teacher's top choice "
     "(with agree_margin M > 0, instead the hinge max(0, M - (logit of that label - the student's best other label "
-    "logit)); with teacher 'mutual', the plain prefill gets the same hinge against its own top choice)"
+    "logit))"
 )
 
 Progress = Callable[[int, int, dict], None]  # (steps done, total steps, logs of the step)
@@ -74,7 +74,7 @@ class TrainSettings:
     hidden_weight: float = 1.0
     temperature: float = 2.0
     agree_weight: float = 0.0  # weight of the cross-entropy of reuse against the teacher's top choice (with a teacher)
-    agree_margin: float = 0.0  # > 0: the agreement term is a hinge at this margin in nats (mutual: on the prefill too)
+    agree_margin: float = 0.0  # > 0: the agreement term is a hinge at this margin in nats
     match_weight: float = 0.0  # weight of the match loss at the label tokens (every step)
     curriculum: int = 0  # steps over which the recomputed tail of each item (block-aware steps) falls from all to none
     tail_floor: int = 0  # block-aware steps always recompute at least the last K tokens of every item (served: tail:K)
