@@ -196,6 +196,7 @@ def test_the_hinge_form_of_agreement_is_the_one_trained_and_it_falls(tmp_path, t
     values = parts(1.0, 30)
     assert sum(values[-5:]) < 0.5 * sum(values[:5])
 
+
 def test_hidden_loss_reads_only_the_fresh_tokens_and_weighs_every_dimension_alike(linked):
     prompts = _encode(linked, [(HISTORY, CANDIDATES)])
     batch = collate(prompts, block_aware=True)
