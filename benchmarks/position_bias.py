@@ -1,0 +1,152 @@
+"""Is reuse's lost top choice a label-position bias? A per-position offset, fitted and held out.
+
+For each of ``--fit`` requests (seed ``--fit-seed``) and ``--eval`` others (``--eval-seed``) of a
+dataset, the model's label log-scores under a plain prefill and under ``--policy``; then one
+additive offset per label position on the policy's log-scores, fitted to the prefill's
+distributions (KL) on the fit requests, and the top-1 agreement it gives on the held-out ones;
+then the same over ``--splits`` random halves of all requests. A gain that holds on held-out
+requests means part of what the policy loses is a systematic preference for some label
+positions, which an offset corrects at no serving cost.
+
+    python benchmarks/position_bias.py --model examples/ml100k-ranker --dataset ml-100k --candidates 20 \\
+        --history 10 --fit 300 --eval 200 --rows rows.json       # ~20 min on 2 cores
+    python benchmarks/position_bias.py --from-rows rows.json      # the analysis again, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def collect(model: str, dataset: str, n: int, seed: int, history: int, candidates: int, policy: str) -> list[dict]:
+    """Per request, the label log-scores (in candidate order) of a plain prefill and of ``policy``."""
+    from rcllm.data.loaders import load_dataset
+    from rcllm.engine import open_ranker
+    from rcllm.engine.blocks import uncached
+    from rcllm.engine.ranker import MemoryBlockCache
+    from rcllm.eval.check import sample_cases
+
+    ranker = open_ranker(model)
+    source = MemoryBlockCache(ranker.engine, ranker.builder)
+    rows = []
+    for case in sample_cases(load_dataset(dataset), n, history, candidates, seed, text=ranker.builder.item_text):
+        c = len(case.candidates)
+        ranker.label_prior(c)
+        segments = ranker.segments(case.history, case.candidates, source)[0]
+        row = {}
+        for name, seg in (("full", uncached(segments)), ("policy", segments)):
+            result = ranker.engine.forward(seg, "full" if name == "full" else policy, logit_ids=ranker.logit_ids)
+            scores = ranker.make_ranking(result, c, name, result.prefill_ms).scores
+            row[name] = [math.log(max(s, 1e-30)) for s in scores]
+        rows.append(row)
+    return rows
+
+
+def _scores(rows: list[dict], key: str) -> torch.Tensor:
+    return torch.tensor([r[key] for r in rows], dtype=torch.float32)
+
+
+def fit_offsets(rows: list[dict], steps: int = 500, lr: float = 0.02) -> torch.Tensor:
+    """One offset per label position that brings the policy's label distributions closest (KL) to
+    the prefill's; centred, since a common shift changes nothing."""
+    full, policy = _scores(rows, "full"), _scores(rows, "policy")
+    offsets = torch.zeros(full.shape[1], requires_grad=True)
+    optimizer = torch.optim.Adam([offsets], lr=lr)
+    target = torch.log_softmax(full, -1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.kl_div(torch.log_softmax(policy + offsets, -1), target, log_target=True, reduction="batchmean").backward()
+        optimizer.step()
+    offsets = offsets.detach()
+    return offsets - offsets.mean()
+
+
+def top1_agreement(rows: list[dict], offsets: torch.Tensor | None = None) -> float:
+    policy = _scores(rows, "policy") + (0 if offsets is None else offsets)
+    return (_scores(rows, "full").argmax(-1) == policy.argmax(-1)).float().mean().item()
+
+
+def analyse(fit: list[dict], held_out: list[dict], splits: int, seed: int = 0) -> dict:
+    """Held-out top-1 agreement without and with fitted offsets, on the given split and on random halves."""
+    if not fit or not held_out or len({len(r["full"]) for r in fit + held_out}) != 1:
+        raise ValueError("fit and held-out requests must be non-empty and share one candidate count")
+    offsets = fit_offsets(fit)
+    every = fit + held_out
+    shuffled, halves = random.Random(seed), []
+    for _ in range(splits):
+        order = list(every)
+        shuffled.shuffle(order)
+        a, b = order[: len(order) // 2], order[len(order) // 2 :]
+        halves.append((top1_agreement(b), top1_agreement(b, fit_offsets(a))))
+    positions = len(every[0]["full"])
+    return {
+        "offsets": [round(x, 4) for x in offsets.tolist()],
+        "fit": (top1_agreement(fit), top1_agreement(fit, offsets)),
+        "held_out": (top1_agreement(held_out), top1_agreement(held_out, offsets)),
+        "halves": halves,
+        "top_by_position": {
+            key: torch.bincount(_scores(every, key).argmax(-1), minlength=positions).tolist() for key in ("full", "policy")
+        },
+    }
+
+
+def report(result: dict, n_fit: int, n_held: int) -> None:
+    print(f"offsets per label position: {' '.join(f'{x:+.2f}' for x in result['offsets'])}")
+    print(f"top-1 agreement, {n_fit} fit requests:      {result['fit'][0]:.3f} -> {result['fit'][1]:.3f}")
+    print(f"top-1 agreement, {n_held} held-out requests: {result['held_out'][0]:.3f} -> {result['held_out'][1]:.3f}")
+    if result["halves"]:
+        gains = [after - before for before, after in result["halves"]]
+        print(f"random halves ({len(gains)}), held-out gain: mean {sum(gains) / len(gains):+.3f}, "
+              f"min {min(gains):+.3f}, max {max(gains):+.3f}")  # fmt: skip
+    print("top choice by label position, prefill:", result["top_by_position"]["full"])
+    print("top choice by label position, policy: ", result["top_by_position"]["policy"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--policy", default="tail:2")
+    parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--history", type=int, default=10)
+    parser.add_argument("--fit", type=int, default=300)
+    parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--fit-seed", type=int, default=3)
+    parser.add_argument("--eval-seed", type=int, default=2)
+    parser.add_argument("--splits", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=Path, help="write the collected log-scores here (JSON)")
+    parser.add_argument("--from-rows", type=Path, help="analyse log-scores collected before instead of a model")
+    args = parser.parse_args(argv)
+    if args.from_rows:
+        data = json.loads(args.from_rows.read_text())
+        if not {"fit", "held_out"} <= data.keys():
+            raise SystemExit(f"{args.from_rows}: not written by --rows (no 'fit' and 'held_out')")
+    elif args.model:
+        torch.set_num_threads(args.threads)
+        collected = [collect(args.model, args.dataset, n, seed, args.history, args.candidates, args.policy)
+                     for n, seed in ((args.fit, args.fit_seed), (args.eval, args.eval_seed))]  # fmt: skip
+        data = {"model": args.model, "dataset": args.dataset, "policy": args.policy, "fit": collected[0],
+                "held_out": collected[1]}  # fmt: skip
+        if args.rows:
+            args.rows.write_text(json.dumps(data))
+    else:
+        parser.error("pass --model (to collect) or --from-rows")
+    try:
+        result = analyse(data["fit"], data["held_out"], args.splits)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    report(result, len(data["fit"]), len(data["held_out"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
