@@ -9,7 +9,7 @@ requests means part of what the policy loses is a systematic preference for some
 positions, which an offset corrects at no serving cost.
 
     python benchmarks/position_bias.py --model examples/ml100k-ranker --dataset ml-100k --candidates 20 \\
-        --history 10 --fit 300 --eval 200 --rows rows.json       # ~20 min on 2 cores
+        --history 10 --fit 300 --eval 200 --rows rows.json       # ~30 min on 2 cores
     python benchmarks/position_bias.py --from-rows rows.json      # the analysis again, seconds
 """
 
@@ -27,27 +27,21 @@ import torch.nn.functional as F
 
 
 def collect(model: str, dataset: str, n: int, seed: int, history: int, candidates: int, policy: str) -> list[dict]:
-    """Per request, the label log-scores (in candidate order) of a plain prefill and of ``policy``."""
+    """Per request, the label log-scores (in candidate order) of a plain prefill and of ``policy``:
+    the rankings the gate's sweep (``rcllm check --sweep``) computes and judges."""
     from rcllm.data.loaders import load_dataset
     from rcllm.engine import open_ranker
-    from rcllm.engine.blocks import uncached
-    from rcllm.engine.ranker import MemoryBlockCache
-    from rcllm.eval.check import sample_cases
+    from rcllm.engine.policy import parse_policy
+    from rcllm.eval.check import run_sweep, sample_cases
 
     ranker = open_ranker(model)
-    source = MemoryBlockCache(ranker.engine, ranker.builder)
-    rows = []
-    for case in sample_cases(load_dataset(dataset), n, history, candidates, seed, text=ranker.builder.item_text):
-        c = len(case.candidates)
-        ranker.label_prior(c)
-        segments = ranker.segments(case.history, case.candidates, source)[0]
-        row = {}
-        for name, seg in (("full", uncached(segments)), ("policy", segments)):
-            result = ranker.engine.forward(seg, "full" if name == "full" else policy, logit_ids=ranker.logit_ids)
-            scores = ranker.make_ranking(result, c, name, result.prefill_ms).scores
-            row[name] = [math.log(max(s, 1e-30)) for s in scores]
-        rows.append(row)
-    return rows
+    cases = sample_cases(load_dataset(dataset), n, history, candidates, seed, text=ranker.builder.item_text)
+    rankings = run_sweep(ranker, cases, [policy], seed=seed).rankings
+    def logs(ranking) -> list[float]:
+        return [math.log(max(s, 1e-30)) for s in ranking.scores]
+
+    return [{"full": logs(f), "policy": logs(p)}
+            for f, p in zip(rankings["full"], rankings[str(parse_policy(policy))], strict=True)]  # fmt: skip
 
 
 def _scores(rows: list[dict], key: str) -> torch.Tensor:

@@ -101,15 +101,21 @@ def test_distill_loss_is_zero_against_itself_and_grows_with_disagreement(linked)
     assert distill_loss(off_label, logits, batch, labels, 2.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_agreement_loss_punishes_a_swapped_near_tie_that_the_kl_barely_sees(linked):
-    prompts = _encode(linked, [(HISTORY, CANDIDATES)])
-    batch = collate(prompts, block_aware=True)
+def _near_tie(linked) -> tuple:
+    """A one-prompt batch, its label ids, a teacher whose top two labels are near-tied (0.30, 0.28)
+    and a student with those two exchanged: a lost top choice."""
+    batch = collate(_encode(linked, [(HISTORY, CANDIDATES)]), block_aware=True)
     labels = linked.builder.label_token_ids
     teacher = torch.full((1, 50_000), -20.0)
     for label, p in zip(labels[:4], (0.30, 0.28, 0.22, 0.20)):
         teacher[0, label] = torch.log(torch.tensor(p))
-    swapped = teacher.clone()  # the top two exchanged: a lost top choice
+    swapped = teacher.clone()
     swapped[0, labels[0]], swapped[0, labels[1]] = teacher[0, labels[1]], teacher[0, labels[0]]
+    return batch, labels, teacher, swapped
+
+
+def test_agreement_loss_punishes_a_swapped_near_tie_that_the_kl_barely_sees(linked):
+    batch, labels, teacher, swapped = _near_tie(linked)
     kl = distill_loss(swapped, teacher, batch, labels, 1.0).item()
     agree, kept = agreement_loss(swapped, teacher, batch, labels).item(), agreement_loss(teacher, teacher, batch, labels).item()
     assert kl < 5e-3 and agree > kept  # the KL hardly moves; the agreement term prefers the teacher's order
@@ -120,14 +126,7 @@ def test_agreement_loss_punishes_a_swapped_near_tie_that_the_kl_barely_sees(link
 
 
 def test_the_hinge_form_of_agreement_asks_only_for_a_lead_of_the_teachers_top_label(linked):
-    prompts = _encode(linked, [(HISTORY, CANDIDATES)])
-    batch = collate(prompts, block_aware=True)
-    labels = linked.builder.label_token_ids
-    teacher = torch.full((1, 50_000), -20.0)
-    for label, p in zip(labels[:4], (0.30, 0.28, 0.22, 0.20)):
-        teacher[0, label] = torch.log(torch.tensor(p))
-    swapped = teacher.clone()
-    swapped[0, labels[0]], swapped[0, labels[1]] = teacher[0, labels[1]], teacher[0, labels[0]]
+    batch, labels, teacher, swapped = _near_tie(linked)
     gap = torch.log(torch.tensor(0.30 / 0.28)).item()
     # the teacher's top trails the student's best other label by `gap`: the hinge is margin + gap
     assert agreement_loss(swapped, teacher, batch, labels, margin=1.0).item() == pytest.approx(1.0 + gap, rel=1e-4)

@@ -300,6 +300,8 @@ class SweepResult:
     calibration: str
     top1_item_stable: float
     top1_label_stable: float
+    # each policy's ranking of every request, in the order of the cases (full included); not part of the JSON
+    rankings: dict[str, list[Ranking]] = field(default_factory=dict, repr=False)
 
     @property
     def content_blind(self) -> bool:
@@ -384,7 +386,7 @@ def run_sweep(
     result = SweepResult(
         rows=rows, prompts=len(cases), candidates=max(len(c.candidates) for c in cases),
         calibration=ranker.calibration, top1_item_stable=item_stable / len(cases),
-        top1_label_stable=label_stable / len(cases),
+        top1_label_stable=label_stable / len(cases), rankings=rankings,
     )
     mark_front(result.rows, result.headline)
     return result
