@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 def collect(model: str, dataset: str, n: int, seed: int, history: int, candidates: int, policy: str) -> list[dict]:
@@ -50,17 +49,10 @@ def _scores(rows: list[dict], key: str) -> torch.Tensor:
 
 def fit_offsets(rows: list[dict], steps: int = 500, lr: float = 0.02) -> torch.Tensor:
     """One offset per label position that brings the policy's label distributions closest (KL) to
-    the prefill's; centred, since a common shift changes nothing."""
-    full, policy = _scores(rows, "full"), _scores(rows, "policy")
-    offsets = torch.zeros(full.shape[1], requires_grad=True)
-    optimizer = torch.optim.Adam([offsets], lr=lr)
-    target = torch.log_softmax(full, -1)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.kl_div(torch.log_softmax(policy + offsets, -1), target, log_target=True, reduction="batchmean").backward()
-        optimizer.step()
-    offsets = offsets.detach()
-    return offsets - offsets.mean()
+    the prefill's: what `rcllm check --sweep --fit-offsets` fits."""
+    from rcllm.eval.check import fit_label_offsets
+
+    return fit_label_offsets(_scores(rows, "full"), _scores(rows, "policy"), steps=steps, lr=lr)
 
 
 def top1_agreement(rows: list[dict], offsets: torch.Tensor | None = None) -> float:

@@ -32,6 +32,8 @@ from rcllm.engine.prompt import item_text
 from rcllm.eval.check import (
     FrontierRow,
     GateSettings,
+    log_scores,
+    offset_cases,
     PromptCase,
     SweepResult,
     Thresholds,
@@ -434,3 +436,90 @@ def test_cases_take_the_item_text_of_the_rankers_template():
         for text in case.history + case.candidates:
             title, description, categories = text.split("; ")
             assert description.startswith("A ") and categories in THEMES
+
+
+# --- label offsets ------------------------------------------------------------------------------
+
+
+def test_label_offsets_move_only_their_policys_rankings_of_their_prompt_size(random_ranker, synthetic_cases):
+    case = synthetic_cases[0]
+    plain = {p: random_ranker.rank(case.history, case.candidates, p) for p in ("none", "full")}
+    last = plain["none"].order[-1]
+    push = torch.full((5,), -10.0)
+    push[last] = 10.0
+    random_ranker.label_offsets["none"] = push
+    try:
+        pushed = random_ranker.rank(case.history, case.candidates, "none")
+        assert pushed.order[0] == last and abs(sum(pushed.scores) - 1) < 1e-5
+        assert pushed.label_logprobs == plain["none"].label_logprobs  # raw log-probabilities stay raw
+        assert random_ranker.rank(case.history, case.candidates, "full").scores == plain["full"].scores
+        four = random_ranker.rank(case.history, case.candidates[:4], "none")  # offsets are for 5 candidates
+        random_ranker.label_offsets.clear()
+        assert four.scores == random_ranker.rank(case.history, case.candidates[:4], "none").scores
+    finally:
+        random_ranker.label_offsets.clear()
+
+
+def test_offsets_are_fitted_on_other_users_than_the_gates(golden_data):
+    data = load_dataset(str(golden_data))
+    settings = GateSettings("golden", prompts=8, history=3, candidates=5, offset_requests=6)
+    gate = sample_cases(data, 8, 3, 5, 0)
+    fit = offset_cases(data, settings, gate, item_text)
+    requests = sample_requests(data, 14, history=3, candidates=5, seed=0)
+    assert len(fit) == 6 and {r.user_id for r in requests[:8]}.isdisjoint(r.user_id for r in requests[8:])
+    assert fit == sample_cases(data, 14, 3, 5, 0)[8:]
+    everyone = GateSettings("golden", prompts=24, history=3, candidates=5, offset_requests=6)
+    with pytest.raises(ValueError, match="no user is left for fitting label offsets"):
+        offset_cases(data, everyone, sample_cases(data, 24, 3, 5, 0), item_text)
+
+
+def test_the_gate_measures_policies_with_the_offsets_it_fitted(golden_model, golden_data, tmp_path):
+    ranker = open_tiny(golden_model, calibration="none")
+    ranker.label_offsets["boundary:1"] = torch.ones(5)  # from an earlier file: dropped by the gate
+    data = load_dataset(str(golden_data))
+    settings = GateSettings("golden", prompts=8, history=3, candidates=5, policies=("none", "boundary:1"),
+                            offset_requests=10)  # fmt: skip
+    outcome = run_gate(ranker, data, settings, "golden", tmp_path)
+    fit = outcome.offsets
+    assert fit.requests == 10 and fit.candidates == 5 and set(fit.offsets) == {"none", "boundary:1"}
+    assert all(ranker.label_offsets[p].tolist() == pytest.approx(v) for p, v in fit.offsets.items())
+    assert all(abs(sum(v)) < 1e-4 for v in fit.offsets.values())
+    # the gate's rankings are the policies' raw ones with their offsets added
+    with_offsets = outcome.sweep.rankings
+    ranker.label_offsets.clear()
+    without = run_sweep(ranker, sample_cases(data, 8, 3, 5, 0), ["none", "boundary:1"], probe=False).rankings
+    for policy, offsets in fit.offsets.items():
+        expected = torch.softmax(log_scores(without[policy]) + torch.tensor(offsets), -1)
+        assert torch.allclose(torch.tensor([r.scores for r in with_offsets[policy]]), expected, atol=1e-4)
+    assert [r.scores for r in with_offsets["full"]] == [r.scores for r in without["full"]]
+    if outcome.written:
+        assert read_policy_file(outcome.written)["label_offsets"]["policies"] == fit.offsets
+    # a gate without offsets measures and writes none, whatever the ranker had
+    ranker.label_offsets["none"] = torch.ones(5)
+    plain = run_gate(ranker, data, GateSettings("golden", prompts=8, history=3, candidates=5, policies=("none",)),
+                     "golden", tmp_path)  # fmt: skip
+    assert plain.offsets is None and ranker.label_offsets == {}
+    if plain.written:
+        assert "label_offsets" not in read_policy_file(plain.written)
+
+
+def test_sweep_command_fits_offsets_that_check_and_serving_apply(golden_model, golden_data, tmp_path):
+    from rcllm.engine import open_ranker
+
+    folder = tmp_path / "model"
+    shutil.copytree(golden_model, folder)
+    result = invoke("check", "--sweep", "--model", str(folder), "--dataset", str(golden_data), *SWEEP_ARGS,
+                    "--policies", "boundary:3", "--fit-offsets", "10")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "with fitted label offsets" in text and "label offsets fitted on 10 requests of other users" in text
+    record = read_policy_file(folder / POLICY_FILE)
+    offsets = record["label_offsets"]["policies"]["boundary:3"]
+    assert len(offsets) == 5 and record["label_offsets"]["requests"] == 10
+    assert open_ranker(str(folder), calibration="none").label_offsets["boundary:3"].tolist() == pytest.approx(offsets)
+    assert open_ranker(str(folder)).label_offsets == {}  # fitted without contextual calibration
+    checked = invoke("check", "--model", str(folder), "--dataset", str(golden_data), *SWEEP_ARGS, "--json")
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout.strip().splitlines()[-1])["label_offsets"] is True
+    refused = invoke("check", "--model", str(folder), "--fit-offsets", "3")
+    assert refused.exit_code == 2 and "use it with --sweep" in " ".join(refused.output.split())

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,12 +15,21 @@ from rcllm.engine.model_policy import (
     FALLBACK_POLICY,
     POLICY_FILE,
     default_policy,
+    gated_label_offsets,
     model_folder,
     read_policy_file,
     write_policy_file,
 )
 from rcllm.engine.models import embedded_dir
-from rcllm.eval.check import FrontierRow, Thresholds, choose_policy, gate_failures, mark_front, pareto_front
+from rcllm.eval.check import (
+    FrontierRow,
+    Thresholds,
+    choose_policy,
+    fit_label_offsets,
+    gate_failures,
+    mark_front,
+    pareto_front,
+)
 from rcllm.eval.runner import default_systems
 
 DEFAULT = Thresholds()  # |dHR| <= 0.01, top-1 agreement >= 0.9
@@ -219,3 +229,54 @@ def test_eval_compares_the_models_policy_with_cheaper_ones_by_default():
     assert default_systems("none") == "full,prefix,rcllm:none,rcllm:deviation:0.15"
     with pytest.raises(ValueError, match="unknown correction policy"):
         default_systems("fast")
+
+
+# --- label offsets ------------------------------------------------------------------------------
+
+
+def test_fitted_label_offsets_undo_a_policys_position_bias():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(400, 6, generator=g) * 0.3  # near-ties: a small bias moves the top choice
+    bias = torch.tensor([0.4, 0.2, 0.0, -0.1, -0.2, -0.3])
+    scores = target + bias + torch.randn(400, 6, generator=g) * 0.02
+    offsets = fit_label_offsets(target, scores)
+    assert torch.allclose(offsets, -(bias - bias.mean()), atol=0.03) and abs(float(offsets.sum())) < 1e-5
+    before = (target.argmax(-1) == scores.argmax(-1)).float().mean()
+    after = (target.argmax(-1) == (scores + offsets).argmax(-1)).float().mean()
+    assert before < 0.6 and after > 0.9
+    assert fit_label_offsets(target, target).abs().max() < 0.01  # no bias: nothing to undo
+    with pytest.raises(ValueError, match="equal shape"):
+        fit_label_offsets(target, scores[:, :5])
+
+
+def offsets_record(policies: dict, candidates: int = 3, calibration: str = "contextual") -> dict:
+    return {**record("tail:2", fingerprint="a" * 64), "calibration": calibration,
+            "label_offsets": {"requests": 30, "candidates": candidates, "policies": policies}}  # fmt: skip
+
+
+def test_label_offsets_are_served_only_for_the_weights_and_correction_they_were_fitted_on(tmp_path):
+    write_policy_file(tmp_path, offsets_record({"tail:2": [0.1, 0.0, -0.1], "boundary:02": [0, 0, 0]}))
+    fitted = gated_label_offsets(tmp_path, "a" * 64, "contextual")
+    assert fitted == {"tail:2": [0.1, 0.0, -0.1], "boundary:2": [0.0, 0.0, 0.0]}  # names made canonical
+    assert gated_label_offsets(tmp_path, "b" * 64, "contextual") == {}  # other weights
+    assert gated_label_offsets(tmp_path, "a" * 64, "none") == {}  # fitted on another correction
+    write_policy_file(tmp_path, record("tail:2", fingerprint="a" * 64))
+    assert gated_label_offsets(tmp_path, "a" * 64, "contextual") == {}  # a gate without offsets
+    assert gated_label_offsets(tmp_path / "missing", "a" * 64, "contextual") == {}
+
+
+@pytest.mark.parametrize("policies, message", [
+    ({"tail:2": [0.1, 0.0]}, "3 finite numbers"),
+    ({"tail:2": [0.1, float("nan"), 0.0]}, "3 finite numbers"),
+    ({"tail:2": [0.1, True, 0.0]}, "3 finite numbers"),
+    ({"full": [0.0, 0.0, 0.0]}, "never offset"),
+    ({"magic": [0.0, 0.0, 0.0]}, "unknown policy"),
+])
+def test_broken_label_offsets_are_refused_when_written_and_when_read(tmp_path, policies, message):
+    with pytest.raises(ValueError, match=message):
+        write_policy_file(tmp_path, offsets_record(policies))
+    assert not (tmp_path / POLICY_FILE).exists()
+    (tmp_path / POLICY_FILE).write_text(json.dumps(offsets_record(policies)))  # edited by hand
+    with pytest.raises(ValueError, match=message) as e:
+        gated_label_offsets(tmp_path, "a" * 64, "contextual")
+    assert str(tmp_path / POLICY_FILE) in str(e.value) and "--fit-offsets" in str(e.value)

@@ -42,6 +42,12 @@ def check(
         "reference. Default: none and a few boundary:K, tail:K and deviation:R (rcllm.eval.check.DEFAULT_SWEEP)."
     ),
     prompts: int = typer.Option(20, min=1, help="Number of sample ranking prompts (held-out requests)."),
+    fit_offsets: int = typer.Option(
+        0, min=0, help="With --sweep: first fit one offset per label position for each policy (its own preference for "
+        "some labels, which plain prefill does not share) on this many requests of other users (those that follow the "
+        "gate's in its seeded order); the gate then measures the policies with their offsets, the policy file keeps "
+        "them, and serve, eval and demo apply them to prompts of --candidates candidates. 0: no offsets.",
+    ),
     history: int = typer.Option(DEFAULT_HISTORY, min=0, help="History items per prompt."),
     candidates: int = typer.Option(DEFAULT_CANDIDATES, min=2, max=26, help="Candidates per prompt."),
     calibration: str = typer.Option("contextual", help="Label-bias correction: contextual | none."),
@@ -71,8 +77,10 @@ def check(
         if policy is not None:
             fail("--policy names one policy to check; --sweep measures the grid given by --policies")
         _check_sweep(model, dataset, data_dir, policies, prompts, history, candidates, calibration, max_hr_delta,
-                     min_top1, device, dtype, seed, threads, as_json)
+                     min_top1, device, dtype, seed, threads, as_json, fit_offsets)
         return
+    if fit_offsets:
+        fail("--fit-offsets fits offsets for the gate: use it with --sweep")
     set_threads(threads)
     try:
         ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration)
@@ -109,7 +117,7 @@ def check(
 
 
 def _check_sweep(model, dataset, data_dir, policies, prompts, history, candidates, calibration, max_hr_delta,
-                 min_top1, device, dtype, seed, threads, as_json) -> None:
+                 min_top1, device, dtype, seed, threads, as_json, fit_offsets=0) -> None:
     """``rcllm check --sweep``: refuse what cannot be written before anything is measured."""
     from rich.progress import Progress
 
@@ -137,7 +145,7 @@ def _check_sweep(model, dataset, data_dir, policies, prompts, history, candidate
         fail("--policies names no policy besides full, the reference: nothing to choose from")
     settings = GateSettings(
         dataset=dataset, prompts=prompts, history=history, candidates=candidates, seed=seed, policies=grid,
-        thresholds=Thresholds(max_hr_delta=max_hr_delta, min_top1=min_top1),
+        thresholds=Thresholds(max_hr_delta=max_hr_delta, min_top1=min_top1), offset_requests=fit_offsets,
     )
     set_threads(threads)
     try:
@@ -148,7 +156,8 @@ def _check_sweep(model, dataset, data_dir, policies, prompts, history, candidate
         with Progress(console=err, transient=True) as progress:
             task = progress.add_task(f"sweeping {len(settings.policies)} policies + full", total=None)
             outcome = run_gate(ranker, data, settings, model, folder,
-                               progress=lambda done, total: progress.update(task, completed=done, total=total))
+                               progress=lambda done, total: progress.update(task, completed=done, total=total),
+                               stage=lambda name: progress.update(task, description=name, completed=0, total=None))
     except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     if as_json:
@@ -162,6 +171,7 @@ def _check_sweep(model, dataset, data_dir, policies, prompts, history, candidate
             "chosen": outcome.choice.chosen.policy if outcome.passed else None,
             "refusal": outcome.refusal, "written": str(outcome.written) if outcome.written else None,
             "frontier": [asdict(r) for r in outcome.sweep.rows],
+            "label_offsets": outcome.offsets.to_json() if outcome.offsets else None,
         }))
     else:
         _print_sweep(outcome, settings, model, data.name, folder)
@@ -176,7 +186,8 @@ def _print_sweep(outcome, settings, model: str, dataset: str, folder: Path) -> N
     sweep, t = outcome.sweep, settings.thresholds
     k = sweep.headline
     table = Table(title=f"rcllm check --sweep: {model}, {sweep.prompts} held-out requests of {dataset}, "
-                        f"{sweep.candidates} candidates (label-bias correction: {sweep.calibration})")
+                        f"{sweep.candidates} candidates (label-bias correction: {sweep.calibration}"
+                        f"{', with fitted label offsets' if outcome.offsets else ''})")
     for column in ("policy", "HR@1", "HR@10", f"d{k.upper()}", "top-1 agree", "tau", "KL", "recomputed",
                    "prefill ms", "vs full", "front", "gate"):
         table.add_column(column, justify="left" if column in ("policy", "gate") else "right")
@@ -196,6 +207,13 @@ def _print_sweep(outcome, settings, model: str, dataset: str, folder: Path) -> N
         "policy is as faithful (top-1, dHR, KL) for less recomputed; content probe: after rotating the candidates the best "
         f"item stayed on top in {sweep.top1_item_stable:.0%} of requests, the best label in {sweep.top1_label_stable:.0%}[/]"
     )
+    if outcome.offsets is not None:
+        fit = outcome.offsets
+        console.print(
+            f"[dim]label offsets fitted on {fit.requests} requests of other users (prompts of {fit.candidates} "
+            "candidates); top-1 agreement there without -> with them: "
+            + ", ".join(f"{p} {fit.top1_before[p]:.3f} -> {fit.top1_after[p]:.3f}" for p in fit.offsets) + "[/]"
+        )
     if outcome.passed:
         console.print(f"[green]PASS[/] {chosen} is the cheapest policy that meets the thresholds; written to "
                       f"{outcome.written} (serve, eval and demo use it for this model unless told otherwise)")

@@ -7,6 +7,7 @@ import os
 import torch
 
 from rcllm.engine.forward import BlockEngine
+from rcllm.engine.model_policy import gated_label_offsets
 from rcllm.engine.models import DEFAULT_MODEL, load_model
 from rcllm.engine.prompt import PromptBuilder, PromptTemplate, model_template
 from rcllm.engine.ranker import Ranker
@@ -32,4 +33,8 @@ def open_ranker(
     lm = load_model(model, device=device, dtype=parse_dtype(dtype))
     if template is None and os.path.isdir(lm.path):  # a model from rcllm finetune serves the template it learnt
         template = model_template(lm.path)
-    return Ranker(BlockEngine(lm), PromptBuilder(lm.tokenizer, template), calibration=calibration)
+    ranker = Ranker(BlockEngine(lm), PromptBuilder(lm.tokenizer, template), calibration=calibration)
+    # the label offsets the gate fitted for this model's reuse policies, when it did
+    for policy, offsets in gated_label_offsets(lm.path, lm.fingerprint, calibration).items():
+        ranker.label_offsets[policy] = torch.tensor(offsets)
+    return ranker

@@ -5,12 +5,14 @@ writes the cheapest policy that passed its gate into the model's folder, as ``rc
 (the embedded model's folder is its converted copy in the user cache). ``serve``, ``eval``,
 ``demo`` and ``check`` read it from there; a model without that file, a hub id (no folder of
 ours to read), or a file measured on other weights gets :data:`FALLBACK_POLICY`, and the reason
-says which case it was.
+says which case it was. The file may also hold label offsets per reuse policy (``rcllm check
+--sweep --fit-offsets``), which :func:`gated_label_offsets` reads for the ranker.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,46 @@ def default_policy(model: str | os.PathLike, fingerprint: str | None = None) -> 
     )
 
 
+def gated_label_offsets(model: str | os.PathLike, fingerprint: str, calibration: str) -> dict[str, list[float]]:
+    """The label offsets per reuse policy in ``model``'s policy file, when it was measured on
+    these weights (``fingerprint``) with this label-bias correction (``calibration``): offsets
+    fitted on one correction mean nothing on another. Empty otherwise."""
+    folder = model_folder(model)
+    path = None if folder is None else folder / POLICY_FILE
+    if path is None or not path.is_file():
+        return {}
+    record = read_policy_file(path)
+    fitted = record.get("label_offsets")
+    if not fitted or record["fingerprint"] != fingerprint or record.get("calibration") != calibration:
+        return {}
+    return check_label_offsets(fitted, path)
+
+
+def check_label_offsets(fitted: object, where: object) -> dict[str, list[float]]:
+    """``fitted["policies"]``, each policy's offsets a list of finite numbers, one per label of a
+    ``fitted["candidates"]``-candidate prompt; anything else is an error naming ``where``."""
+    def broken(why: str) -> ValueError:
+        return ValueError(f"{where}: label_offsets {why}; delete the file or rerun `rcllm check --sweep --fit-offsets`")
+
+    if not isinstance(fitted, dict) or not isinstance(fitted.get("policies"), dict):
+        raise broken("must be an object with a 'policies' object")
+    n = fitted.get("candidates")
+    offsets = {}
+    for name, values in fitted["policies"].items():
+        try:
+            policy = str(parse_policy(name))
+        except ValueError as e:
+            raise broken(f"name an unknown policy ({e})") from e
+        if policy == "full":
+            raise broken("name full, the reference, which is never offset")
+        if not isinstance(values, list) or len(values) != n or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ):
+            raise broken(f"for {policy} must be {n} finite numbers, one per label")
+        offsets[policy] = [float(v) for v in values]
+    return offsets
+
+
 def write_policy_file(folder: Path, record: dict) -> Path:
     """Write ``record`` as ``folder/rcllm-policy.json`` with :func:`rcllm.files.write_file`, so a
     reader sees the old file or the new one, never half of one."""
@@ -98,6 +140,8 @@ def write_policy_file(folder: Path, record: dict) -> Path:
     if missing:
         raise ValueError(f"a policy record needs {', '.join(missing)}")
     parse_policy(record["policy"])
+    if "label_offsets" in record:
+        check_label_offsets(record["label_offsets"], "the policy record")
     folder = Path(folder)
     path = folder / POLICY_FILE
     write_file(path, json.dumps(record, indent=2) + "\n")

@@ -4,7 +4,10 @@ The first generated token's distribution over the label tokens orders the candid
 time to the first token is the ranking latency. LLM rankers prefer some labels and positions
 whatever the items are (the embedded model answers ``A`` for every ml-100k prompt we tried),
 so scores are corrected by contextual calibration by default: the label log-prior measured on
-content-free prompts of the same shape is subtracted before ranking.
+content-free prompts of the same shape is subtracted before ranking. A reuse policy can carry a
+preference of its own for some label positions; ``rcllm check --sweep --fit-offsets`` fits one
+offset per position for it on requests the gate does not measure, and the ranker adds those to
+that policy's log-scores (:attr:`Ranker.label_offsets`).
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class MemoryBlockCache:
 @dataclass
 class Ranking:
     order: list[int]  # candidate indices, best first
-    scores: list[float]  # per candidate (input order): calibrated probability within its prompt
+    scores: list[float]  # per candidate (input order): calibrated probability within its prompt (label offsets included)
     label_logprobs: list[float]  # per candidate: raw log-probability of its label, before calibration
     calibration: str
     policy: str
@@ -122,6 +125,10 @@ class Ranker:
         # a ranking reads only its labels' logits: the engine computes those alone
         self.logit_ids = torch.tensor(builder.label_token_ids)
         self._priors: dict[int, torch.Tensor] = {}
+        # per reuse policy (its canonical name): an offset added to each label's calibrated
+        # log-score in prompts of exactly len(offsets) candidates; fitted by the gate
+        # (rcllm.eval.check.fit_gate_offsets), read from the model's policy file by open_ranker
+        self.label_offsets: dict[str, torch.Tensor] = {}
 
     # -- prompt -------------------------------------------------------------------------------
 
@@ -169,12 +176,16 @@ class Ranker:
             self._priors[n] = torch.log_softmax(logits[self.builder.label_token_ids[:n]], -1)
         return self._priors[n]
 
-    def label_scores(self, logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw label log-probabilities [n] and the calibrated label distribution [n]."""
+    def label_scores(self, logits: torch.Tensor, n: int, policy: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw label log-probabilities [n] and the calibrated label distribution [n]: the label
+        prior removed (contextual calibration), and ``policy``'s label offsets added when it has
+        offsets for n candidates."""
         logprobs = torch.log_softmax(logits[self.builder.label_token_ids[:n]].float(), -1)
-        if self.calibration == "none":
-            return logprobs, logprobs.exp()
-        return logprobs, torch.softmax(logprobs - self.label_prior(n), -1)
+        scores = logprobs if self.calibration == "none" else logprobs - self.label_prior(n)
+        offsets = self.label_offsets.get(policy) if policy is not None else None
+        if offsets is not None and len(offsets) == n:
+            scores = scores + offsets
+        return logprobs, torch.softmax(scores, -1)
 
     # -- ranking ------------------------------------------------------------------------------
 
@@ -276,7 +287,7 @@ class Ranker:
 
     def make_ranking(self, result: ForwardResult, n: int, policy: str, ttft_ms: float, **stats) -> Ranking:
         """The ranking of ``n`` candidates read from a forward pass over their prompt."""
-        logprobs, calibrated = self.label_scores(result.logits, n)
+        logprobs, calibrated = self.label_scores(result.logits, n, policy)
         tok = self.builder.tokenizer
         return Ranking(
             order=sorted(range(n), key=lambda i: (-float(calibrated[i]), i)),
