@@ -256,6 +256,7 @@ def offsets_record(policies: dict, candidates: int = 3, calibration: str = "cont
 
 def test_label_offsets_are_served_only_for_the_weights_and_correction_they_were_fitted_on(tmp_path):
     write_policy_file(tmp_path, offsets_record({"tail:2": [0.1, 0.0, -0.1], "boundary:02": [0, 0, 0]}))
+    assert "40 requests, with label offsets fitted on 30 other requests" in default_policy(tmp_path).reason
     fitted = gated_label_offsets(tmp_path, "a" * 64, "contextual")
     assert fitted == {"tail:2": [0.1, 0.0, -0.1], "boundary:2": [0.0, 0.0, 0.0]}  # names made canonical
     assert gated_label_offsets(tmp_path, "b" * 64, "contextual") == {}  # other weights

@@ -86,9 +86,12 @@ def default_policy(model: str | os.PathLike, fingerprint: str | None = None) -> 
             f"the default: {path} was measured on other weights (fingerprint {str(record['fingerprint'])[:12]}, "
             f"this model {fingerprint[:12]}); rerun `rcllm check --sweep`",
         )
+    fitted = record.get("label_offsets")
+    offsets = (f", with label offsets fitted on {fitted.get('requests', '?')} other requests"
+               if isinstance(fitted, dict) else "")  # fmt: skip
     return ModelPolicy(
         str(parse_policy(record["policy"])), True,
-        f"gated by `rcllm check --sweep` on {record['dataset']}, {record['requests']} requests, "
+        f"gated by `rcllm check --sweep` on {record['dataset']}, {record['requests']} requests{offsets}, "
         f"{str(record['date'])[:10]}: {path}",
     )
 
