@@ -33,7 +33,7 @@ def collect(model: str, dataset: str, n: int, seed: int, history: int, candidate
     from rcllm.engine.policy import parse_policy
     from rcllm.eval.check import run_sweep, sample_cases
 
-    ranker = open_ranker(model)
+    ranker = open_ranker(model, label_offsets=False)  # the policy's own scores, whatever a gate fitted
     cases = sample_cases(load_dataset(dataset), n, history, candidates, seed, text=ranker.builder.item_text)
     rankings = run_sweep(ranker, cases, [policy], seed=seed).rankings
     def logs(ranking) -> list[float]:

@@ -518,6 +518,7 @@ def test_sweep_command_fits_offsets_that_check_and_serving_apply(golden_model, g
     assert len(offsets) == 5 and record["label_offsets"]["requests"] == 10
     assert open_ranker(str(folder), calibration="none").label_offsets["boundary:3"].tolist() == pytest.approx(offsets)
     assert open_ranker(str(folder)).label_offsets == {}  # fitted without contextual calibration
+    assert open_ranker(str(folder), calibration="none", label_offsets=False).label_offsets == {}
     checked = invoke("check", "--model", str(folder), "--dataset", str(golden_data), *SWEEP_ARGS, "--json")
     assert checked.exit_code == 0, checked.output
     assert json.loads(checked.stdout.strip().splitlines()[-1])["label_offsets"] is True

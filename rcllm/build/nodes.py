@@ -174,7 +174,7 @@ def _planned_catalog(out: Path, manifest: Manifest, catalog: Path | None) -> dic
 
 
 def _planned_ranker(manifest: Manifest, options: BuildOptions, ranker: Ranker | None) -> Ranker:
-    ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype)
+    ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype, label_offsets=False)
     check_compatible(manifest, ranker.engine.lm, ranker.builder.template.to_dict(), options.kv_dtype)
     return ranker
 

@@ -79,7 +79,7 @@ def build_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None 
     reporter = reporter or Reporter()
     out = Path(options.out)
     t0 = time.perf_counter()
-    ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype)
+    ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype, label_offsets=False)
     plan = plan_cache(catalog, options, reporter, ranker)
     seconds = {k: v for k, v in plan.seconds.items() if k != "total"}
     t = time.perf_counter()
@@ -114,7 +114,7 @@ def append_items(catalog: Path, options: BuildOptions, reporter: Reporter | None
     out = Path(options.out)
     t0 = time.perf_counter()
     manifest = Manifest.load(out)
-    ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype)
+    ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype, label_offsets=False)
     kv_dtype = check_kv_dtype(options.kv_dtype) if options.kv_dtype else kv_dtype_of(ranker.engine.lm.dtype)
     check_compatible(manifest, ranker.engine.lm, ranker.builder.template.to_dict(), kv_dtype)
     pdir = placement_dir(out)

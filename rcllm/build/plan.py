@@ -72,7 +72,7 @@ def plan_cache(catalog: Path, options: BuildOptions, reporter: Reporter | None =
     if options.user_parts > 1 and not options.users:
         raise ValueError(f"--user-parts {options.user_parts} splits the history blocks of --users histories.jsonl, "
                          "and none is given: add --users, or leave --user-parts out")
-    ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype)
+    ranker = ranker or open_ranker(options.model, device=options.device, dtype=options.dtype, label_offsets=False)
     lm = ranker.engine.lm
     kv_dtype = check_kv_dtype(options.kv_dtype) if options.kv_dtype else kv_dtype_of(lm.dtype)
     previous = None

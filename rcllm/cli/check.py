@@ -149,7 +149,8 @@ def _check_sweep(model, dataset, data_dir, policies, prompts, history, candidate
     )
     set_threads(threads)
     try:
-        ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration)
+        # the gate fits its own offsets or measures none: an earlier file's are not read (nor need it be readable)
+        ranker = open_ranker(model, device=device, dtype=dtype, calibration=calibration, label_offsets=False)
         data = load_dataset(dataset, data_dir=data_dir)
         if folder.exists() and not os.access(folder, os.W_OK):
             raise ValueError(f"{folder} is not writable: the chosen policy could not be written there")

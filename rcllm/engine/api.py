@@ -27,14 +27,18 @@ def open_ranker(
     dtype: str = "fp32",
     calibration: str = "contextual",
     template: PromptTemplate | None = None,
+    label_offsets: bool = True,
 ) -> Ranker:
+    """The ranker of ``model``. ``label_offsets``: apply the label offsets the gate fitted for this
+    model's reuse policies (its policy file, :func:`~rcllm.engine.model_policy.gated_label_offsets`);
+    off for work that never ranks with them (building caches) or fits its own (the gate)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     lm = load_model(model, device=device, dtype=parse_dtype(dtype))
     if template is None and os.path.isdir(lm.path):  # a model from rcllm finetune serves the template it learnt
         template = model_template(lm.path)
     ranker = Ranker(BlockEngine(lm), PromptBuilder(lm.tokenizer, template), calibration=calibration)
-    # the label offsets the gate fitted for this model's reuse policies, when it did
-    for policy, offsets in gated_label_offsets(lm.path, lm.fingerprint, calibration).items():
-        ranker.label_offsets[policy] = torch.tensor(offsets)
+    if label_offsets:
+        for policy, offsets in gated_label_offsets(lm.path, lm.fingerprint, calibration).items():
+            ranker.label_offsets[policy] = torch.tensor(offsets)
     return ranker
