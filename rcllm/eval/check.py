@@ -446,7 +446,9 @@ class OffsetFit:
                 "fit_top1": {p: [self.top1_before[p], self.top1_after[p]] for p in self.offsets}}  # fmt: skip
 
 
-def offset_cases(dataset: Dataset, settings: "GateSettings", gate: Sequence[PromptCase], text) -> list[PromptCase]:
+def offset_cases(
+    dataset: Dataset, settings: "GateSettings", gate: Sequence[PromptCase], text: Callable[[Mapping], str] = item_text
+) -> list[PromptCase]:
     """Requests for fitting offsets: those of the ``settings.offset_requests`` users that follow
     the gate's in its seeded order, so that no user is in both."""
     every = sample_cases(dataset, settings.prompts + settings.offset_requests, settings.history, settings.candidates,
