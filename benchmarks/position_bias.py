@@ -50,7 +50,7 @@ def _scores(rows: list[dict], key: str) -> torch.Tensor:
 def fit_offsets(rows: list[dict], steps: int = 500, lr: float = 0.02) -> torch.Tensor:
     """One offset per label position that brings the policy's label distributions closest (KL) to
     the prefill's: what `rcllm check --sweep --fit-offsets` fits."""
-    from rcllm.eval.check import fit_label_offsets
+    from rcllm.eval.gate import fit_label_offsets
 
     return fit_label_offsets(_scores(rows, "full"), _scores(rows, "policy"), steps=steps, lr=lr)
 

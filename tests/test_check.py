@@ -31,19 +31,16 @@ from rcllm.engine.models import load_model, wrap_model
 from rcllm.engine.prompt import item_text
 from rcllm.eval.check import (
     FrontierRow,
-    GateSettings,
-    log_scores,
-    offset_cases,
     PromptCase,
     SweepResult,
     Thresholds,
     choose_policy,
     rotation,
     run_check,
-    run_gate,
     run_sweep,
     sample_cases,
 )
+from rcllm.eval.gate import GateSettings, log_scores, offset_cases, run_gate
 
 JSON_KEYS = {"model", "policy", "prompts", "max_abs_logit_diff", "top1_agree", "kendall_tau", "kl"}
 COLORS = ["Grey", "Brown", "Silver", "Blue", "Green", "Pale", "Dark", "Quiet"]
@@ -267,7 +264,7 @@ def test_gate_writes_nothing_when_no_cheap_policy_passes(golden_model, golden_da
         FrontierRow("boundary:2", 0.5, 1.0, -0.1, 0.0, 0.85, 0.8, 0.1, 0.1, 1.5, 5.0),
         FrontierRow("full", 0.6, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 8.0, 1.0),
     ]
-    monkeypatch.setattr("rcllm.eval.check.run_sweep", lambda *a, **k: SweepResult(missed, 8, 5, "none", 1.0, 0.0))
+    monkeypatch.setattr("rcllm.eval.gate.run_sweep", lambda *a, **k: SweepResult(missed, 8, 5, "none", 1.0, 0.0))
     outcome = run_gate(open_tiny(golden_model), load_dataset(str(golden_data)), GateSettings("golden", prompts=8,
                        history=3, candidates=5), "golden", tmp_path)
     assert not outcome.passed and outcome.written is None and list(tmp_path.iterdir()) == []
@@ -373,7 +370,7 @@ def test_sweep_command_exits_nonzero_and_names_the_closest_when_none_passes(gold
     shutil.copytree(golden_model, folder)
     missed = [FrontierRow("none", 0.2, 1.0, -0.4, 0.0, 0.5, 0.3, 0.9, 0.05, 1.0, 8.0),
               FrontierRow("full", 0.6, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 8.0, 1.0)]
-    monkeypatch.setattr("rcllm.eval.check.run_sweep", lambda *a, **k: SweepResult(missed, 8, 5, "none", 1.0, 0.0))
+    monkeypatch.setattr("rcllm.eval.gate.run_sweep", lambda *a, **k: SweepResult(missed, 8, 5, "none", 1.0, 0.0))
     result = invoke("check", "--sweep", "--model", str(folder), "--dataset", str(golden_data), *SWEEP_ARGS,
                     "--policies", "none")
     assert result.exit_code == 1, result.output

@@ -21,15 +21,8 @@ from rcllm.engine.model_policy import (
     write_policy_file,
 )
 from rcllm.engine.models import embedded_dir
-from rcllm.eval.check import (
-    FrontierRow,
-    Thresholds,
-    choose_policy,
-    fit_label_offsets,
-    gate_failures,
-    mark_front,
-    pareto_front,
-)
+from rcllm.eval.check import FrontierRow, Thresholds, choose_policy, gate_failures, mark_front, pareto_front
+from rcllm.eval.gate import fit_label_offsets
 from rcllm.eval.runner import default_systems
 
 DEFAULT = Thresholds()  # |dHR| <= 0.01, top-1 agreement >= 0.9

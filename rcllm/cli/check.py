@@ -125,7 +125,8 @@ def _check_sweep(model, dataset, data_dir, policies, prompts, history, candidate
     from rcllm.engine import open_ranker
     from rcllm.engine.model_policy import model_folder
     from rcllm.engine.models import UnsupportedModelError
-    from rcllm.eval.check import DEFAULT_SWEEP, GateSettings, Thresholds, run_gate
+    from rcllm.eval.check import DEFAULT_SWEEP, Thresholds
+    from rcllm.eval.gate import GateSettings, run_gate
 
     from rcllm.engine.policy import parse_policy
 

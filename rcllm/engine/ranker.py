@@ -127,7 +127,7 @@ class Ranker:
         self._priors: dict[int, torch.Tensor] = {}
         # per reuse policy (its canonical name): an offset added to each label's calibrated
         # log-score in prompts of exactly len(offsets) candidates; fitted by the gate
-        # (rcllm.eval.check.fit_gate_offsets), read from the model's policy file by open_ranker
+        # (rcllm.eval.gate.fit_gate_offsets), read from the model's policy file by open_ranker
         self.label_offsets: dict[str, torch.Tensor] = {}
 
     # -- prompt -------------------------------------------------------------------------------
