@@ -259,18 +259,20 @@ def test_label_offsets_are_served_only_for_the_weights_and_correction_they_were_
     assert gated_label_offsets(tmp_path / "missing", "a" * 64, "contextual") == {}
 
 
-@pytest.mark.parametrize("policies, message", [
-    ({"tail:2": [0.1, 0.0]}, "3 finite numbers"),
-    ({"tail:2": [0.1, float("nan"), 0.0]}, "3 finite numbers"),
-    ({"tail:2": [0.1, True, 0.0]}, "3 finite numbers"),
-    ({"full": [0.0, 0.0, 0.0]}, "never offset"),
-    ({"magic": [0.0, 0.0, 0.0]}, "unknown policy"),
+@pytest.mark.parametrize("policies, candidates, message", [
+    ({"tail:2": [0.1, 0.0]}, 3, "3 finite numbers"),
+    ({"tail:2": [0.1, float("nan"), 0.0]}, 3, "3 finite numbers"),
+    ({"tail:2": [0.1, True, 0.0]}, 3, "3 finite numbers"),
+    ({"full": [0.0, 0.0, 0.0]}, 3, "never offset"),
+    ({"magic": [0.0, 0.0, 0.0]}, 3, "unknown policy"),
+    ({"tail:2": [0.0, 0.0, 0.0]}, None, "the prompt size they were fitted for"),
 ])
-def test_broken_label_offsets_are_refused_when_written_and_when_read(tmp_path, policies, message):
+def test_broken_label_offsets_are_refused_when_written_and_when_read(tmp_path, policies, candidates, message):
+    broken = offsets_record(policies, candidates)
     with pytest.raises(ValueError, match=message):
-        write_policy_file(tmp_path, offsets_record(policies))
+        write_policy_file(tmp_path, broken)
     assert not (tmp_path / POLICY_FILE).exists()
-    (tmp_path / POLICY_FILE).write_text(json.dumps(offsets_record(policies)))  # edited by hand
+    (tmp_path / POLICY_FILE).write_text(json.dumps(broken))  # edited by hand
     with pytest.raises(ValueError, match=message) as e:
         gated_label_offsets(tmp_path, "a" * 64, "contextual")
     assert str(tmp_path / POLICY_FILE) in str(e.value) and "--fit-offsets" in str(e.value)

@@ -120,6 +120,8 @@ def check_label_offsets(fitted: object, where: object) -> dict[str, list[float]]
     if not isinstance(fitted, dict) or not isinstance(fitted.get("policies"), dict):
         raise broken("must be an object with a 'policies' object")
     n = fitted.get("candidates")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise broken(f"need the prompt size they were fitted for ('candidates', 2 or more), not {n!r}")
     offsets = {}
     for name, values in fitted["policies"].items():
         try:
