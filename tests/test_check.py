@@ -22,6 +22,8 @@ from rcllm.cli.main import app
 from rcllm.data.catalog import write_catalog
 from rcllm.data.formats import write_interactions
 from rcllm.data.loaders import load_dataset
+from rcllm.cli.common import console
+from rcllm.data.metrics import mean_half_width
 from rcllm.data.movielens import load_ml100k_recbole
 from rcllm.data.sampling import sample_requests
 from rcllm.data.synthetic import make_synthetic
@@ -39,6 +41,7 @@ from rcllm.eval.check import (
     run_check,
     run_sweep,
     sample_cases,
+    undecided,
 )
 from rcllm.eval.gate import GateSettings, log_scores, offset_cases, run_gate
 
@@ -240,6 +243,15 @@ def test_sweep_measures_each_policy_against_the_held_out_item_and_full_prefill(r
     assert none.top1_agree < 0.75 and none.recomputed_fraction < exact.recomputed_fraction < 1.0
     assert all(r.prefill_ms > 0 for r in sweep.rows)
     assert sweep.headline == "hr@1" and sweep.prompts == 12 and sweep.candidates == 5
+    # the 95% intervals come from the per-request outcomes of the same rankings
+    agreed = [float(a.order[0] == b.order[0]) for a, b in zip(sweep.rankings["none"], sweep.rankings["full"])]
+    assert none.top1_agree_ci == pytest.approx(mean_half_width(agreed)) and none.top1_agree_ci > 0
+    hits = {name: [float(r.order[0] == c.positive) for r, c in zip(sweep.rankings[name], synthetic_cases)]
+            for name in ("none", "full")}
+    changes = [a - b for a, b in zip(hits["none"], hits["full"])]
+    assert none.hr_at_1_delta_ci == pytest.approx(mean_half_width(changes))
+    assert none.delta_ci("hr@1") == none.hr_at_1_delta_ci and none.delta_ci("hr@10") == none.hr_at_10_delta_ci
+    assert full.top1_agree_ci == 0.0 and full.hr_at_1_delta_ci == 0.0
     # realistic thresholds pass over the cheap unfaithful policy to the faithful one...
     choice = choose_policy(sweep.rows, Thresholds(), sweep.headline)
     assert choice.chosen.policy == "deviation:1" and none.pareto and exact.pareto
@@ -383,6 +395,51 @@ def test_sweep_command_exits_nonzero_and_names_the_closest_when_none_passes(gold
     assert f"the one from an earlier sweep, {folder.resolve() / POLICY_FILE}, is left as it was" in " ".join(
         again.output.split()
     )
+
+
+def test_undecided_names_each_threshold_inside_its_95_percent_interval():
+    t = Thresholds(max_hr_delta=0.01, min_top1=0.9)
+    row = lambda d, d_ci, top1, top1_ci: FrontierRow(  # noqa: E731
+        "tail:2", 0.2, 0.8, 0.0, d, top1, 0.9, 0.05, 0.1, 200.0, 5.0,
+        hr_at_10_delta_ci=d_ci, top1_agree_ci=top1_ci,
+    )
+    # the seed-1 draw of the ml-100k gate: both verdicts within an interval of their thresholds
+    notes = undecided(row(-0.016, 0.011, 0.884, 0.028), t, "hr@10")
+    assert len(notes) == 2 and notes[0].startswith("dHR@10 -0.016 +/- 0.011") and "top-1 agreement 0.884" in notes[1]
+    # clear passes and clear fails settle their verdicts
+    assert undecided(row(0.001, 0.004, 0.97, 0.01), t, "hr@10") == []
+    assert undecided(row(-0.08, 0.02, 0.5, 0.04), t, "hr@10") == []
+    # a pass on the point estimate that a second draw could fail
+    assert undecided(row(0.008, 0.011, 0.95, 0.01), t, "hr@10") == ["dHR@10 +0.008 +/- 0.011 against |d| <= 0.01"]
+    # no interval (fewer than two requests, or no request moved): nothing to say
+    assert undecided(row(0.0, None, 0.95, None), t, "hr@10") == []
+    assert undecided(row(0.0, 0.0, 1.0, 0.0), t, "hr@10") == []
+
+
+def test_sweep_command_says_when_its_requests_do_not_settle_the_verdict(golden_model, golden_data, tmp_path,
+                                                                        monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(golden_model, folder)
+    near = [FrontierRow("none", 0.2, 0.8, 0.0, -0.016, 0.884, 0.9, 0.05, 0.1, 1.0, 5.1,
+                        hr_at_10_delta_ci=0.011, top1_agree_ci=0.028),
+            FrontierRow("full", 0.2, 0.8, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 5.1, 1.0, hr_at_10_delta_ci=0.0,
+                        top1_agree_ci=0.0)]
+    monkeypatch.setattr("rcllm.eval.gate.run_sweep", lambda *a, **k: SweepResult(near, 500, 20, "none", 1.0, 0.0))
+    monkeypatch.setattr(console, "width", 260)  # the table on one line per policy
+    args = ("check", "--sweep", "--model", str(folder), "--dataset", str(golden_data), *SWEEP_ARGS, "--policies", "none")
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "-0.016 +/-0.011" in text and "0.884 +/-0.028" in text  # the table shows the intervals
+    assert "not settled: 500 requests do not decide none's verdict at 95%" in text
+    data = json.loads(invoke(*args, "--json").output)
+    assert data["undecided"]["policy"] == "none" and len(data["undecided"]["thresholds"]) == 2
+    assert data["frontier"][0]["top1_agree_ci"] == 0.028
+    # a clear miss is settled: no such line
+    far = [FrontierRow("none", 0.2, 0.8, 0.0, -0.2, 0.3, 0.2, 0.9, 0.1, 1.0, 8.0, hr_at_10_delta_ci=0.02,
+                       top1_agree_ci=0.04), near[1]]
+    monkeypatch.setattr("rcllm.eval.gate.run_sweep", lambda *a, **k: SweepResult(far, 500, 20, "none", 1.0, 0.0))
+    assert "not settled" not in invoke(*args).output
 
 
 @pytest.mark.parametrize("args, message", [

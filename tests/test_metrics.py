@@ -10,6 +10,7 @@ import pytest
 from rcllm.data.metrics import (
     headline_hit_rate,
     hit_rate,
+    mean_half_width,
     mrr,
     ndcg,
     popularity_ranking,
@@ -91,3 +92,18 @@ def test_headline_hit_rate_is_hr1_when_every_candidate_fits_in_the_top_10():
     assert headline_hit_rate(10) == "hr@1"
     assert headline_hit_rate(11) == "hr@10"
     assert summarize([0, 5, 9])["hr@10"] == 1.0
+
+
+def test_mean_half_width_is_the_95_percent_normal_interval_of_the_mean():
+    agreements = [1.0] * 90 + [0.0] * 10
+    # p 0.9 over 100: sample variance 0.9 * 0.1 * 100 / 99
+    assert mean_half_width(agreements) == pytest.approx(1.96 * math.sqrt(0.09 * 100 / 99 / 100))
+    # paired hit-rate changes: mostly none, a few each way
+    changes = [0.0] * 460 + [1.0] * 15 + [-1.0] * 25
+    mean = -10 / 500
+    variance = (460 * mean**2 + 15 * (1 - mean) ** 2 + 25 * (1 + mean) ** 2) / 499
+    assert mean_half_width(changes) == pytest.approx(1.96 * math.sqrt(variance / 500))
+    assert mean_half_width([0.0] * 50) == 0.0  # no request moved: no spread
+    assert mean_half_width([1.0]) is None and mean_half_width([]) is None
+    # the interval narrows with the square root of the requests
+    assert mean_half_width(agreements * 4) == pytest.approx(mean_half_width(agreements) / 2, rel=0.01)

@@ -174,11 +174,23 @@ def _check_sweep(model, dataset, data_dir, policies, prompts, history, candidate
             "refusal": outcome.refusal, "written": str(outcome.written) if outcome.written else None,
             "frontier": [asdict(r) for r in outcome.sweep.rows],
             "label_offsets": outcome.offsets.to_json() if outcome.offsets else None,
+            "undecided": _undecided(outcome, settings),
         }))
     else:
         _print_sweep(outcome, settings, model, data.name, folder)
     if not outcome.passed:
         raise typer.Exit(1)
+
+
+def _undecided(outcome, settings) -> dict | None:
+    """The judged policy (the choice, else the closest miss) and the thresholds its verdict sits
+    too near for these requests to settle (95% intervals); None when there is no such policy."""
+    from rcllm.eval.check import undecided
+
+    row = outcome.choice.chosen or outcome.choice.closest
+    if row is None or outcome.sweep.content_blind:
+        return None
+    return {"policy": row.policy, "thresholds": undecided(row, settings.thresholds, outcome.sweep.headline)}
 
 
 def _print_sweep(outcome, settings, model: str, dataset: str, folder: Path) -> None:
@@ -198,8 +210,10 @@ def _print_sweep(outcome, settings, model: str, dataset: str, folder: Path) -> N
         failures = gate_failures(r, t, k)
         verdict = "reference" if r.policy == "full" else ("pass" if not failures else "; ".join(failures))
         name = f"[bold green]{r.policy}[/] *" if r.policy == chosen and outcome.passed else r.policy
+        reuse = r.policy != "full"  # the reference's own intervals are zero
         table.add_row(
-            name, f"{r.hr_at_1:.3f}", f"{r.hr_at_10:.3f}", f"{r.delta(k):+.3f}", f"{r.top1_agree:.3f}",
+            name, f"{r.hr_at_1:.3f}", f"{r.hr_at_10:.3f}", _pm(r.delta(k), reuse and r.delta_ci(k), "+.3f"),
+            _pm(r.top1_agree, reuse and r.top1_agree_ci, ".3f"),
             f"{r.kendall_tau:.3f}", f"{r.kl:.4f}", f"{r.recomputed_fraction:.0%}", f"{r.prefill_ms:.1f}",
             f"{r.speedup:.2f}x", "yes" if r.pareto else "", verdict,
         )
@@ -207,7 +221,8 @@ def _print_sweep(outcome, settings, model: str, dataset: str, folder: Path) -> N
     console.print(
         f"[dim]thresholds: |d{k.upper()}| <= {t.max_hr_delta:g}, top-1 agreement >= {t.min_top1:g}; front: no other "
         "policy is as faithful (top-1, dHR, KL) for less recomputed; content probe: after rotating the candidates the best "
-        f"item stayed on top in {sweep.top1_item_stable:.0%} of requests, the best label in {sweep.top1_label_stable:.0%}[/]"
+        f"item stayed on top in {sweep.top1_item_stable:.0%} of requests, the best label in {sweep.top1_label_stable:.0%}; "
+        "+/-: half-width of the 95% interval over the requests[/]"
     )
     if outcome.offsets is not None:
         fit = outcome.offsets
@@ -226,6 +241,17 @@ def _print_sweep(outcome, settings, model: str, dataset: str, folder: Path) -> N
             f"; the one from an earlier sweep, {earlier}, is left as it was (delete it to serve {FALLBACK_POLICY})"
             if earlier.exists() else ""
         ))
+    judged = _undecided(outcome, settings)
+    if judged and judged["thresholds"]:
+        console.print(
+            f"[yellow]not settled:[/] {sweep.prompts} requests do not decide {judged['policy']}'s verdict at 95%: "
+            + "; ".join(judged["thresholds"]) + ". Another draw (--seed) may judge it the other way; more requests "
+            "(--prompts) narrow the interval"
+        )
+
+
+def _pm(value: float, half_width: float | None | bool, spec: str) -> str:
+    return f"{value:{spec}}" if half_width is None or half_width is False else f"{value:{spec}} +/-{half_width:.3f}"
 
 
 def register(app: typer.Typer) -> None:

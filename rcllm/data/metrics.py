@@ -39,6 +39,18 @@ def kl_divergence(p: Sequence[float], q: Sequence[float], eps: float = 1e-12) ->
     return max(0.0, float(sum(pi * math.log((pi + eps) / (qi + eps)) for pi, qi in zip(p, q) if pi > 0)))
 
 
+def mean_half_width(values: Sequence[float], z: float = 1.96) -> float | None:
+    """Half the width of the normal-approximation 95% interval of the mean of ``values`` (per
+    request: 1/0 agreements, or -1/0/+1 paired differences of two hit rates): ``z`` standard
+    errors. None for fewer than two values, where there is no spread to estimate."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return z * math.sqrt(variance / n)
+
+
 # --- ranking quality with one relevant item (the positive); ranks are 0-based ---------------
 
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rcllm.data.dataset import Dataset
-from rcllm.data.metrics import headline_hit_rate, kendall_tau, kl_divergence, rank_of
+from rcllm.data.metrics import headline_hit_rate, kendall_tau, kl_divergence, mean_half_width, rank_of
 from rcllm.data.sampling import sample_requests
 from rcllm.engine.blocks import uncached
 from rcllm.engine.policy import parse_policy
@@ -220,10 +220,19 @@ class FrontierRow:
     prefill_ms: float  # mean wall time of the forward pass
     speedup: float  # full's mean prefill_ms / this policy's
     pareto: bool = False
+    # half-widths of the 95% intervals (normal approximation over the requests; None under two):
+    # the paired per-request change of each hit rate, and the top-1 agreement
+    hr_at_1_delta_ci: float | None = None
+    hr_at_10_delta_ci: float | None = None
+    top1_agree_ci: float | None = None
 
     def delta(self, headline: str) -> float:
         """The change of the headline hit rate (``hr@10`` or ``hr@1``) against full prefill."""
         return self.hr_at_10_delta if headline == "hr@10" else self.hr_at_1_delta
+
+    def delta_ci(self, headline: str) -> float | None:
+        """The half-width of the 95% interval of :meth:`delta`."""
+        return self.hr_at_10_delta_ci if headline == "hr@10" else self.hr_at_1_delta_ci
 
 
 @dataclass(frozen=True)
@@ -245,6 +254,24 @@ def gate_failures(row: FrontierRow, thresholds: Thresholds, headline: str) -> li
     if row.top1_agree < thresholds.min_top1 - ROUNDING:
         failures.append(f"top-1 agreement {row.top1_agree:.3f} < {thresholds.min_top1:g}")
     return failures
+
+
+def undecided(row: FrontierRow, thresholds: Thresholds, headline: str) -> list[str]:
+    """The thresholds whose verdict on ``row`` these requests do not settle: the 95% interval of
+    the measure holds the threshold, so another draw of as many requests may well judge the
+    other way (empty: every verdict is clear of its threshold, or there is no interval)."""
+    notes = []
+    delta, ci = row.delta(headline), row.delta_ci(headline)
+    if ci is not None and ci > 0:
+        low, high = delta - ci, delta + ci
+        inside = -thresholds.max_hr_delta <= low and high <= thresholds.max_hr_delta
+        outside = high < -thresholds.max_hr_delta or low > thresholds.max_hr_delta
+        if not inside and not outside:
+            notes.append(f"d{headline.upper()} {delta:+.3f} +/- {ci:.3f} against |d| <= {thresholds.max_hr_delta:g}")
+    ci = row.top1_agree_ci
+    if ci is not None and ci > 0 and row.top1_agree - ci < thresholds.min_top1 <= row.top1_agree + ci:
+        notes.append(f"top-1 agreement {row.top1_agree:.3f} +/- {ci:.3f} against {thresholds.min_top1:g}")
+    return notes
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[bool]:
@@ -382,11 +409,15 @@ def run_sweep(
         hr10 = sum(r < 10 for r in ranks[name]) / len(cases)
         f = fidelity(rankings["full"], rankings[name], ranks["full"], ranks[name])
         ms = statistics.fmean(r.ttft_ms for r in rankings[name])
+        paired = {k: [float(a < k) - float(b < k) for a, b in zip(ranks[name], ranks["full"])] for k in (1, 10)}
+        agreed = [float(a.order[0] == b.order[0]) for a, b in zip(rankings[name], rankings["full"])]
         rows.append(FrontierRow(
             policy=name, hr_at_1=hr1, hr_at_10=hr10, hr_at_1_delta=f["hr@1_delta"], hr_at_10_delta=f["hr@10_delta"],
             top1_agree=f["top1_agree"], kendall_tau=f["kendall_tau"], kl=f["kl"],
             recomputed_fraction=statistics.fmean(r.recomputed_fraction for r in rankings[name]),
             prefill_ms=ms, speedup=full_ms / ms if ms > 0 else float("inf"),
+            hr_at_1_delta_ci=mean_half_width(paired[1]), hr_at_10_delta_ci=mean_half_width(paired[10]),
+            top1_agree_ci=mean_half_width(agreed),
         ))
     result = SweepResult(
         rows=rows, prompts=len(cases), candidates=max(len(c.candidates) for c in cases),
