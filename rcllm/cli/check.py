@@ -212,8 +212,8 @@ def _print_sweep(outcome, settings, model: str, dataset: str, folder: Path) -> N
         name = f"[bold green]{r.policy}[/] *" if r.policy == chosen and outcome.passed else r.policy
         reuse = r.policy != "full"  # the reference's own intervals are zero
         table.add_row(
-            name, f"{r.hr_at_1:.3f}", f"{r.hr_at_10:.3f}", _pm(r.delta(k), reuse and r.delta_ci(k), "+.3f"),
-            _pm(r.top1_agree, reuse and r.top1_agree_ci, ".3f"),
+            name, f"{r.hr_at_1:.3f}", f"{r.hr_at_10:.3f}", _pm(r.delta(k), r.delta_ci(k) if reuse else None, "+.3f"),
+            _pm(r.top1_agree, r.top1_agree_ci if reuse else None, ".3f"),
             f"{r.kendall_tau:.3f}", f"{r.kl:.4f}", f"{r.recomputed_fraction:.0%}", f"{r.prefill_ms:.1f}",
             f"{r.speedup:.2f}x", "yes" if r.pareto else "", verdict,
         )
@@ -250,8 +250,9 @@ def _print_sweep(outcome, settings, model: str, dataset: str, folder: Path) -> N
         )
 
 
-def _pm(value: float, half_width: float | None | bool, spec: str) -> str:
-    return f"{value:{spec}}" if half_width is None or half_width is False else f"{value:{spec}} +/-{half_width:.3f}"
+def _pm(value: float, half_width: float | None, spec: str) -> str:
+    """``value`` and, when there is one, the half-width of its 95% interval."""
+    return f"{value:{spec}}" if half_width is None else f"{value:{spec}} +/-{half_width:.3f}"
 
 
 def register(app: typer.Typer) -> None:
