@@ -52,15 +52,17 @@ def collect(model: str, dataset: str, n: int, seed: int, history: int, candidate
     from rcllm.engine import MemoryBlockCache, open_ranker
     from rcllm.engine.blocks import uncached
     from rcllm.eval.check import sample_cases
+    from rcllm.eval.gate import log_scores
 
     ranker = open_ranker(model, label_offsets=False)  # the policy's own scores, whatever a gate fitted
     cases = sample_cases(load_dataset(dataset), n, history, candidates, seed, text=ranker.builder.item_text)
     source = MemoryBlockCache(ranker.engine, ranker.builder)
 
     def scores(segments, name) -> tuple[list[float], float]:
+        """The label log-scores the gate judges (its rankings'), and the recomputed share."""
         result = ranker.engine.forward(segments, name, logit_ids=ranker.logit_ids)
-        _, calibrated = ranker.label_scores(result.logits, sum(s.name == "item" for s in segments))
-        return calibrated.clamp(min=1e-30).log().tolist(), result.recomputed_fraction
+        ranking = ranker.make_ranking(result, sum(s.name == "item" for s in segments), name, result.prefill_ms)
+        return log_scores([ranking])[0].tolist(), result.recomputed_fraction
 
     rows = []
     for case in cases:
@@ -93,25 +95,21 @@ def analyse(rows: list[dict]) -> dict:
     k = min(10, len(rows[0]["full"]))
     hr_full = statistics.fmean(r["positive"] in _top(r["full"], k) for r in rows)
 
-    def measure(pick) -> dict:
-        chosen = [pick(r) for r in rows]
+    def measure(chosen: list[list[float]]) -> dict:  # one score list per request
         return {
             "top1": statistics.fmean(_argmax(s) == _argmax(r["full"]) for s, r in zip(chosen, rows)),
             "overlap": statistics.fmean(len(_top(s, k) & _top(r["full"], k)) / k for s, r in zip(chosen, rows)),
             "hr_delta": statistics.fmean(r["positive"] in _top(s, k) for s, r in zip(chosen, rows)) - hr_full,
         }
 
-    variants = {name: {**measure(lambda r, n=name: r[n]),
+    variants = {name: {**measure([r[name] for r in rows]),
                        "recomputed": statistics.fmean(r["recomputed"][name] for r in rows)} for name in names}  # fmt: skip
     escalation = []
     if "top2" in names:
+        margins = [a - b for a, b in (sorted(r["policy"], reverse=True)[:2] for r in rows)]
         for m in MARGINS:
-            def margin(r) -> float:
-                a, b = sorted(r["policy"], reverse=True)[:2]
-                return a - b
-
-            row = measure(lambda r: r["top2"] if margin(r) < m else r["policy"])
-            row["margin"], row["escalated"] = m, statistics.fmean(margin(r) < m for r in rows)
+            row = measure([r["top2"] if g < m else r["policy"] for r, g in zip(rows, margins)])
+            row["margin"], row["escalated"] = m, statistics.fmean(g < m for g in margins)
             escalation.append(row)
     return {"k": k, "variants": variants, "escalation": escalation}
 
