@@ -495,21 +495,38 @@ def test_cases_take_the_item_text_of_the_rankers_template():
 # --- label offsets ------------------------------------------------------------------------------
 
 
-def test_label_offsets_move_only_their_policys_rankings_of_their_prompt_size(random_ranker, synthetic_cases):
+def test_label_offsets_choose_only_the_first_place_of_their_policys_rankings_of_their_size(random_ranker,
+                                                                                         synthetic_cases):
     case = synthetic_cases[0]
     plain = {p: random_ranker.rank(case.history, case.candidates, p) for p in ("none", "full")}
     last = plain["none"].order[-1]
     push = torch.full((5,), -10.0)
-    push[last] = 10.0
+    push[last] = 30.0
     random_ranker.label_offsets["none"] = push
     try:
         pushed = random_ranker.rank(case.history, case.candidates, "none")
-        assert pushed.order[0] == last and abs(sum(pushed.scores) - 1) < 1e-5
-        assert pushed.label_logprobs == plain["none"].label_logprobs  # raw log-probabilities stay raw
-        assert random_ranker.rank(case.history, case.candidates, "full").scores == plain["full"].scores
+        assert pushed.order == [last] + plain["none"].order[:-1]  # the rest keep the policy's own order
+        assert pushed.scores == plain["none"].scores  # the scores stay the policy's own
+        assert pushed.label_logprobs == plain["none"].label_logprobs
+        assert random_ranker.rank(case.history, case.candidates, "full").order == plain["full"].order
         four = random_ranker.rank(case.history, case.candidates[:4], "none")  # offsets are for 5 candidates
         random_ranker.label_offsets.clear()
-        assert four.scores == random_ranker.rank(case.history, case.candidates[:4], "none").scores
+        assert four.order == random_ranker.rank(case.history, case.candidates[:4], "none").order
+    finally:
+        random_ranker.label_offsets.clear()
+
+
+def test_the_first_place_is_the_best_score_plus_offset(random_ranker):
+    calibrated = torch.tensor([0.1, 0.4, 0.3, 0.2])
+    assert random_ranker.order(calibrated, "none") == [1, 2, 3, 0]  # no offsets: by score
+    random_ranker.label_offsets["none"] = torch.tensor([0.0, 0.0, 0.26, 0.0])  # 0.3 * e^0.26 = 0.389 < 0.4
+    try:
+        assert random_ranker.order(calibrated, "none") == [1, 2, 3, 0]
+        random_ranker.label_offsets["none"] = torch.tensor([0.0, 0.0, 0.3, 0.0])  # 0.405 > 0.4
+        assert random_ranker.order(calibrated, "none") == [2, 1, 3, 0]
+        random_ranker.label_offsets["none"] = torch.tensor([1.5, 0.0, 0.0, 0.0])
+        assert random_ranker.order(calibrated, "none") == [0, 1, 2, 3]  # 0.1 * e^1.5 = 0.45 > 0.4
+        assert random_ranker.order(calibrated, "full") == [1, 2, 3, 0]
     finally:
         random_ranker.label_offsets.clear()
 
@@ -538,13 +555,15 @@ def test_the_gate_measures_policies_with_the_offsets_it_fitted(golden_model, gol
     assert fit.requests == 10 and fit.candidates == 5 and set(fit.offsets) == {"none", "boundary:1"}
     assert all(ranker.label_offsets[p].tolist() == pytest.approx(v) for p, v in fit.offsets.items())
     assert all(abs(sum(v)) < 1e-4 for v in fit.offsets.values())
-    # the gate's rankings are the policies' raw ones with their offsets added
+    # the gate's rankings are the policies' own, with the first place chosen by score plus offset
     with_offsets = outcome.sweep.rankings
     ranker.label_offsets.clear()
     without = run_sweep(ranker, sample_cases(data, 8, 3, 5, 0), ["none", "boundary:1"], probe=False).rankings
     for policy, offsets in fit.offsets.items():
-        expected = torch.softmax(log_scores(without[policy]) + torch.tensor(offsets), -1)
-        assert torch.allclose(torch.tensor([r.scores for r in with_offsets[policy]]), expected, atol=1e-4)
+        firsts = (log_scores(without[policy]) + torch.tensor(offsets)).argmax(-1).tolist()
+        for a, b, first in zip(with_offsets[policy], without[policy], firsts):
+            assert a.scores == pytest.approx(b.scores, abs=1e-5)
+            assert a.order == [first] + [i for i in b.order if i != first]
     assert [r.scores for r in with_offsets["full"]] == [r.scores for r in without["full"]]
     if outcome.written:
         assert read_policy_file(outcome.written)["label_offsets"]["policies"] == fit.offsets
@@ -570,6 +589,7 @@ def test_sweep_command_fits_offsets_that_check_and_serving_apply(golden_model, g
     record = read_policy_file(folder / POLICY_FILE)
     offsets = record["label_offsets"]["policies"]["boundary:3"]
     assert len(offsets) == 5 and record["label_offsets"]["requests"] == 10
+    assert record["label_offsets"]["decides"] == "first place"
     assert open_ranker(str(folder), calibration="none").label_offsets["boundary:3"].tolist() == pytest.approx(offsets)
     assert open_ranker(str(folder)).label_offsets == {}  # fitted without contextual calibration
     assert open_ranker(str(folder), calibration="none", label_offsets=False).label_offsets == {}

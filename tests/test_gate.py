@@ -242,9 +242,12 @@ def test_fitted_label_offsets_undo_a_policys_position_bias():
         fit_label_offsets(target, scores[:, :5])
 
 
-def offsets_record(policies: dict, candidates: int = 3, calibration: str = "contextual") -> dict:
-    return {**record("tail:2", fingerprint="a" * 64), "calibration": calibration,
-            "label_offsets": {"requests": 30, "candidates": candidates, "policies": policies}}  # fmt: skip
+def offsets_record(policies: dict, candidates: int = 3, calibration: str = "contextual",
+                   decides: str | None = "first place") -> dict:
+    fitted = {"requests": 30, "candidates": candidates, "policies": policies}
+    if decides is not None:
+        fitted["decides"] = decides
+    return {**record("tail:2", fingerprint="a" * 64), "calibration": calibration, "label_offsets": fitted}
 
 
 def test_label_offsets_are_served_only_for_the_weights_and_correction_they_were_fitted_on(tmp_path):
@@ -259,6 +262,15 @@ def test_label_offsets_are_served_only_for_the_weights_and_correction_they_were_
     assert gated_label_offsets(tmp_path / "missing", "a" * 64, "contextual") == {}
 
 
+def test_offsets_an_older_rcllm_fitted_to_shift_every_score_are_not_served(tmp_path):
+    older = offsets_record({"tail:2": [0.1, 0.0, -0.1]}, decides=None)  # no "decides": gated as a shift of all
+    (tmp_path / POLICY_FILE).write_text(json.dumps(older))
+    assert gated_label_offsets(tmp_path, "a" * 64, "contextual") == {}
+    reason = default_policy(tmp_path).reason
+    assert "label offsets not served" in reason and "--fit-offsets" in reason
+    assert default_policy(tmp_path).policy == "tail:2"  # the gated policy itself still serves
+
+
 @pytest.mark.parametrize("policies, candidates, message", [
     ({"tail:2": [0.1, 0.0]}, 3, "3 finite numbers"),
     ({"tail:2": [0.1, float("nan"), 0.0]}, 3, "3 finite numbers"),
@@ -266,9 +278,11 @@ def test_label_offsets_are_served_only_for_the_weights_and_correction_they_were_
     ({"full": [0.0, 0.0, 0.0]}, 3, "never offset"),
     ({"magic": [0.0, 0.0, 0.0]}, 3, "unknown policy"),
     ({"tail:2": [0.0, 0.0, 0.0]}, None, "the prompt size they were fitted for"),
+    ({"tail:2": [0.0, 0.0, 0.0]}, 3, "what they decide"),
 ])
 def test_broken_label_offsets_are_refused_when_written_and_when_read(tmp_path, policies, candidates, message):
-    broken = offsets_record(policies, candidates)
+    broken = offsets_record(policies, candidates, decides="every score" if message == "what they decide" else
+                            "first place")  # fmt: skip
     with pytest.raises(ValueError, match=message):
         write_policy_file(tmp_path, broken)
     assert not (tmp_path / POLICY_FILE).exists()

@@ -44,9 +44,10 @@ def check(
     prompts: int = typer.Option(20, min=1, help="Number of sample ranking prompts (held-out requests)."),
     fit_offsets: int = typer.Option(
         0, min=0, help="With --sweep: first fit one offset per label position for each policy (its own preference for "
-        "some labels, which plain prefill does not share) on this many requests of other users (those that follow the "
-        "gate's in its seeded order); the gate then measures the policies with their offsets, the policy file keeps "
-        "them, and serve, eval and demo apply them to prompts of --candidates candidates. 0: no offsets.",
+        "some labels as its top choice, which plain prefill does not share) on this many requests of other users "
+        "(those that follow the gate's in its seeded order); the offsets then choose each policy's first place (the "
+        "rest keep its order), the gate measures the policies so, the policy file keeps them, and serve, eval and "
+        "demo apply them to prompts of --candidates candidates. 0: no offsets.",
     ),
     history: int = typer.Option(DEFAULT_HISTORY, min=0, help="History items per prompt."),
     candidates: int = typer.Option(DEFAULT_CANDIDATES, min=2, max=26, help="Candidates per prompt."),

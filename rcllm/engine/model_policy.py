@@ -6,7 +6,9 @@ writes the cheapest policy that passed its gate into the model's folder, as ``rc
 ``demo`` and ``check`` read it from there; a model without that file, a hub id (no folder of
 ours to read), or a file measured on other weights gets :data:`FALLBACK_POLICY`, and the reason
 says which case it was. The file may also hold label offsets per reuse policy (``rcllm check
---sweep --fit-offsets``), which :func:`gated_label_offsets` reads for the ranker.
+--sweep --fit-offsets``), which :func:`gated_label_offsets` reads for the ranker: they choose the
+policy's first place (:data:`OFFSETS_DECIDE`); offsets an older rcllm fitted to shift every score
+are not served.
 """
 
 from __future__ import annotations
@@ -87,8 +89,11 @@ def default_policy(model: str | os.PathLike, fingerprint: str | None = None) -> 
             f"this model {fingerprint[:12]}); rerun `rcllm check --sweep`",
         )
     fitted = record.get("label_offsets")
-    offsets = (f", with label offsets fitted on {fitted.get('requests', '?')} other requests"
-               if isinstance(fitted, dict) else "")  # fmt: skip
+    offsets = ""
+    if isinstance(fitted, dict):
+        offsets = (f", with label offsets fitted on {fitted.get('requests', '?')} other requests"
+                   if "decides" in fitted else
+                   ", its label offsets not served (fitted by an older rcllm; rerun with --fit-offsets)")  # fmt: skip
     return ModelPolicy(
         str(parse_policy(record["policy"])), True,
         f"gated by `rcllm check --sweep` on {record['dataset']}, {record['requests']} requests{offsets}, "
@@ -96,10 +101,16 @@ def default_policy(model: str | os.PathLike, fingerprint: str | None = None) -> 
     )
 
 
+# what a policy file's label offsets decide; offsets recorded without it were fitted and gated
+# when they shifted every label's score, a different ranking from the one served now
+OFFSETS_DECIDE = "first place"
+
+
 def gated_label_offsets(model: str | os.PathLike, fingerprint: str, calibration: str) -> dict[str, list[float]]:
     """The label offsets per reuse policy in ``model``'s policy file, when it was measured on
     these weights (``fingerprint``) with this label-bias correction (``calibration``): offsets
-    fitted on one correction mean nothing on another. Empty otherwise."""
+    fitted on one correction mean nothing on another. Empty otherwise, and for offsets recorded
+    without ``"decides": "first place"`` (gated as a shift of every score)."""
     folder = model_folder(model)
     path = None if folder is None else folder / POLICY_FILE
     if path is None or not path.is_file():
@@ -107,6 +118,8 @@ def gated_label_offsets(model: str | os.PathLike, fingerprint: str, calibration:
     record = read_policy_file(path)
     fitted = record.get("label_offsets")
     if not fitted or record["fingerprint"] != fingerprint or record.get("calibration") != calibration:
+        return {}
+    if isinstance(fitted, dict) and "decides" not in fitted:
         return {}
     return check_label_offsets(fitted, path)
 
@@ -119,6 +132,8 @@ def check_label_offsets(fitted: object, where: object) -> dict[str, list[float]]
 
     if not isinstance(fitted, dict) or not isinstance(fitted.get("policies"), dict):
         raise broken("must be an object with a 'policies' object")
+    if fitted.get("decides") != OFFSETS_DECIDE:
+        raise broken(f"must say what they decide ('decides': {OFFSETS_DECIDE!r}), not {fitted.get('decides')!r}")
     n = fitted.get("candidates")
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         raise broken(f"need the prompt size they were fitted for ('candidates', 2 or more), not {n!r}")

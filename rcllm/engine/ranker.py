@@ -5,9 +5,11 @@ time to the first token is the ranking latency. LLM rankers prefer some labels a
 whatever the items are (the embedded model answers ``A`` for every ml-100k prompt we tried),
 so scores are corrected by contextual calibration by default: the label log-prior measured on
 content-free prompts of the same shape is subtracted before ranking. A reuse policy can carry a
-preference of its own for some label positions; ``rcllm check --sweep --fit-offsets`` fits one
-offset per position for it on requests the gate does not measure, and the ranker adds those to
-that policy's log-scores (:attr:`Ranker.label_offsets`).
+preference of its own for some label positions as its top choice; ``rcllm check --sweep
+--fit-offsets`` fits one offset per position for it on requests the gate does not measure, and
+the ranker lets those offsets choose that policy's first place; the rest keep the policy's own
+order and the scores stay its own (:attr:`Ranker.label_offsets`, :meth:`Ranker.order`). The bias
+acts on the top choice only: offsets added to every score would move the top ten as well.
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ class MemoryBlockCache:
 
 @dataclass
 class Ranking:
-    order: list[int]  # candidate indices, best first
-    scores: list[float]  # per candidate (input order): calibrated probability within its prompt (label offsets included)
+    order: list[int]  # candidate indices, best first (a policy's label offsets choose the first)
+    scores: list[float]  # per candidate (input order): calibrated probability within its prompt
     label_logprobs: list[float]  # per candidate: raw log-probability of its label, before calibration
     calibration: str
     policy: str
@@ -125,8 +127,8 @@ class Ranker:
         # a ranking reads only its labels' logits: the engine computes those alone
         self.logit_ids = torch.tensor(builder.label_token_ids)
         self._priors: dict[int, torch.Tensor] = {}
-        # per reuse policy (its canonical name): an offset added to each label's calibrated
-        # log-score in prompts of exactly len(offsets) candidates; fitted by the gate
+        # per reuse policy (its canonical name): offsets, one per label, that choose the first
+        # place in prompts of exactly len(offsets) candidates (:meth:`order`); fitted by the gate
         # (rcllm.eval.gate.fit_gate_offsets), read from the model's policy file by open_ranker
         self.label_offsets: dict[str, torch.Tensor] = {}
 
@@ -176,16 +178,26 @@ class Ranker:
             self._priors[n] = torch.log_softmax(logits[self.builder.label_token_ids[:n]], -1)
         return self._priors[n]
 
-    def label_scores(self, logits: torch.Tensor, n: int, policy: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def label_scores(self, logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw label log-probabilities [n] and the calibrated label distribution [n]: the label
-        prior removed (contextual calibration), and ``policy``'s label offsets added when it has
-        offsets for n candidates."""
+        prior removed (contextual calibration)."""
         logprobs = torch.log_softmax(logits[self.builder.label_token_ids[:n]].float(), -1)
         scores = logprobs if self.calibration == "none" else logprobs - self.label_prior(n)
+        return logprobs, torch.softmax(scores, -1)
+
+    def order(self, calibrated: torch.Tensor, policy: str | None = None) -> list[int]:
+        """Candidate indices, best first, by the calibrated distribution [n]; when ``policy`` has
+        label offsets for n candidates, the label whose log-score plus offset is highest comes
+        first and the rest keep their order."""
+        n = len(calibrated)
+        order = sorted(range(n), key=lambda i: (-float(calibrated[i]), i))
         offsets = self.label_offsets.get(policy) if policy is not None else None
         if offsets is not None and len(offsets) == n:
-            scores = scores + offsets
-        return logprobs, torch.softmax(scores, -1)
+            shifted = calibrated.double().clamp(min=1e-30).log() + offsets.double()
+            first = max(order, key=lambda i: float(shifted[i]))  # ties: the policy's own order
+            order.remove(first)
+            order.insert(0, first)
+        return order
 
     # -- ranking ------------------------------------------------------------------------------
 
@@ -287,10 +299,10 @@ class Ranker:
 
     def make_ranking(self, result: ForwardResult, n: int, policy: str, ttft_ms: float, **stats) -> Ranking:
         """The ranking of ``n`` candidates read from a forward pass over their prompt."""
-        logprobs, calibrated = self.label_scores(result.logits, n, policy)
+        logprobs, calibrated = self.label_scores(result.logits, n)
         tok = self.builder.tokenizer
         return Ranking(
-            order=sorted(range(n), key=lambda i: (-float(calibrated[i]), i)),
+            order=self.order(calibrated, policy),
             scores=calibrated.tolist(),
             label_logprobs=logprobs.tolist(),
             calibration=self.calibration,

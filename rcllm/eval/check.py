@@ -146,8 +146,8 @@ def run_check(
         fractions.append(reused.recomputed_fraction)
         diffs.append(float((reused.logits - full.logits).abs().max()))
         raw_full, cal_full = ranker.label_scores(full.logits, n)
-        _, cal_reused = ranker.label_scores(reused.logits, n, str(policy))
-        top1.append(int(cal_full.argmax()) == int(cal_reused.argmax()))
+        _, cal_reused = ranker.label_scores(reused.logits, n)
+        top1.append(int(cal_full.argmax()) == ranker.order(cal_reused, str(policy))[0])
         taus.append(kendall_tau(cal_full.tolist(), cal_reused.tolist()))
         kls.append(kl_divergence(cal_full.tolist(), cal_reused.tolist()))
         raw_answers[int(raw_full.argmax())] += 1

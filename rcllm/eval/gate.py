@@ -3,10 +3,11 @@ other users' requests, sweep the policies (:func:`rcllm.eval.check.run_sweep`), 
 (:func:`rcllm.eval.check.choose_policy`) and write it into the model's folder, where ``serve``,
 ``eval`` and ``demo`` find it.
 
-A reuse policy may prefer some label positions whatever the candidates are (a bias plain prefill
-does not share); with ``offset_requests`` the gate first fits one offset per label position for
-each policy (:func:`fit_label_offsets`) on the requests of users it will not measure, and then
-measures the policies with their offsets, as they will be served.
+A reuse policy may prefer some label positions as its top choice whatever the candidates are (a
+bias plain prefill does not share); with ``offset_requests`` the gate first fits one offset per
+label position for each policy (:func:`fit_label_offsets`) on the requests of users it will not
+measure, and then measures the policies with their offsets choosing the first place
+(:meth:`rcllm.engine.ranker.Ranker.order`), as they will be served.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from rcllm.data.dataset import Dataset
 from rcllm.data.sampling import DEFAULT_CANDIDATES, DEFAULT_HISTORY
-from rcllm.engine.model_policy import write_policy_file
+from rcllm.engine.model_policy import OFFSETS_DECIDE, write_policy_file
 from rcllm.engine.prompt import item_text
 from rcllm.engine.ranker import Ranker, Ranking
 from rcllm.eval.check import (
@@ -74,7 +75,8 @@ class OffsetFit:
     top1_after: dict[str, float]  # and with its offsets
 
     def to_json(self) -> dict:
-        return {"requests": self.requests, "candidates": self.candidates, "policies": self.offsets,
+        return {"requests": self.requests, "candidates": self.candidates, "decides": OFFSETS_DECIDE,
+                "policies": self.offsets,
                 "fit_top1": {p: [self.top1_before[p], self.top1_after[p]] for p in self.offsets}}  # fmt: skip
 
 
@@ -101,7 +103,8 @@ def fit_gate_offsets(
     progress: Callable[[int, int], None] | None = None,
 ) -> OffsetFit:
     """Rank ``cases`` under full prefill and each policy (without offsets), fit each policy's
-    label offsets to full prefill's distributions, and install them in ``ranker``."""
+    label offsets to full prefill's distributions, and install them in ``ranker``, where they
+    choose the policy's first place. ``top1_after``: agreement on these requests with them."""
     sizes = {len(c.candidates) for c in cases}
     if len(sizes) != 1:
         raise ValueError(f"label offsets are fitted for one prompt size; these requests have {sorted(sizes)} candidates")
