@@ -6,7 +6,10 @@ additive offset per label position on the policy's log-scores, fitted to the pre
 distributions (KL) on the fit requests, and the top-1 agreement it gives on the held-out ones;
 then the same over ``--splits`` random halves of all requests. A gain that holds on held-out
 requests means part of what the policy loses is a systematic preference for some label
-positions, which an offset corrects at no serving cost.
+positions, which an offset corrects at no serving cost. The top-K overlap with the prefill (K = 10,
+or half the candidates when fewer) shows what the offsets do below the top: added to every score,
+as first fitted, or choosing only the first place, as the ranker serves them
+(:func:`rcllm.engine.ranker.offset_order`).
 
     python benchmarks/position_bias.py --model examples/ml100k-ranker --dataset ml-100k --candidates 20 \\
         --history 10 --fit 300 --eval 200 --rows rows.json       # ~30 min on 2 cores
@@ -60,6 +63,23 @@ def top1_agreement(rows: list[dict], offsets: torch.Tensor | None = None) -> flo
     return (_scores(rows, "full").argmax(-1) == policy.argmax(-1)).float().mean().item()
 
 
+def top_overlap(rows: list[dict], offsets: torch.Tensor | None = None, first_only: bool = True) -> float:
+    """Mean share of the prefill's top K that the policy's ranking also puts in its top K, with
+    ``offsets`` choosing its first place (``first_only``) or added to every score."""
+    from rcllm.engine.ranker import offset_order
+
+    full, policy = _scores(rows, "full"), _scores(rows, "policy")
+    k = min(10, full.shape[1] // 2)
+    shares = []
+    for f, p in zip(full, policy):
+        if offsets is None or first_only:
+            order = offset_order(torch.softmax(p, -1), offsets)
+        else:
+            order = offset_order(torch.softmax(p + offsets, -1))
+        shares.append(len(set(order[:k]) & set(offset_order(torch.softmax(f, -1))[:k])) / k)
+    return sum(shares) / len(shares)
+
+
 def analyse(fit: list[dict], held_out: list[dict], splits: int, seed: int = 0) -> dict:
     """Held-out top-1 agreement without and with fitted offsets, on the given split and on random halves."""
     if not fit or not held_out or len({len(r["full"]) for r in fit + held_out}) != 1:
@@ -78,6 +98,8 @@ def analyse(fit: list[dict], held_out: list[dict], splits: int, seed: int = 0) -
         "fit": (top1_agreement(fit), top1_agreement(fit, offsets)),
         "held_out": (top1_agreement(held_out), top1_agreement(held_out, offsets)),
         "halves": halves,
+        "held_out_overlap": {"none": top_overlap(held_out), "every score": top_overlap(held_out, offsets, False),
+                             "first place": top_overlap(held_out, offsets)},  # fmt: skip
         "top_by_position": {
             key: torch.bincount(_scores(every, key).argmax(-1), minlength=positions).tolist() for key in ("full", "policy")
         },
@@ -88,6 +110,10 @@ def report(result: dict, n_fit: int, n_held: int) -> None:
     print(f"offsets per label position: {' '.join(f'{x:+.2f}' for x in result['offsets'])}")
     print(f"top-1 agreement, {n_fit} fit requests:      {result['fit'][0]:.3f} -> {result['fit'][1]:.3f}")
     print(f"top-1 agreement, {n_held} held-out requests: {result['held_out'][0]:.3f} -> {result['held_out'][1]:.3f}")
+    k = min(10, len(result["offsets"]) // 2)
+    print(f"top-{k} overlap with the prefill, {n_held} held-out requests: "
+          + ", ".join(f"{name} {v:.3f}" for name, v in result["held_out_overlap"].items())
+          + " (offsets: none; added to every score; choosing the first place, as served)")
     if result["halves"]:
         gains = [after - before for before, after in result["halves"]]
         print(f"random halves ({len(gains)}), held-out gain: mean {sum(gains) / len(gains):+.3f}, "

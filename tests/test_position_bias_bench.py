@@ -31,6 +31,25 @@ def test_a_position_bias_is_found_and_its_correction_holds_on_held_out_requests(
     assert before < 0.6 and after > 0.9  # the bias costs the top choice; the fitted offsets give it back
     assert torch.allclose(torch.tensor(result["offsets"]), -(bias - bias.mean()), atol=0.05)
     assert all(a > b for b, a in result["halves"])
+    overlap = result["held_out_overlap"]  # the bias shifts every position: added to every score, they help too
+    assert overlap["every score"] > overlap["none"]
+
+
+def test_offsets_choosing_the_first_place_leave_the_top_k_alone_where_the_bias_is_only_at_the_top():
+    g = torch.Generator().manual_seed(0)
+    def rows(n):
+        full = torch.randn(n, 12, generator=g)
+        policy = full + torch.randn(n, 12, generator=g) * 0.05
+        top = full.argmax(-1)
+        # the policy's only bias: the prefill's top label, when at a late position, lost to the next best
+        late = top >= 8
+        policy[late, top[late]] = policy[late].kthvalue(11, -1).values[:] - 0.05
+        return [{"full": f.tolist(), "policy": p.tolist()} for f, p in zip(full, policy)]
+    result = bench.analyse(rows(400), rows(300), splits=0)
+    overlap = result["held_out_overlap"]
+    assert result["held_out"][1] > result["held_out"][0] + 0.05  # the offsets win top choices back
+    assert abs(overlap["first place"] - overlap["none"]) < 0.01  # and leave the top 6 as it was
+    assert overlap["every score"] < overlap["none"] - 0.005  # added to every score, they move it
 
 
 def test_without_a_bias_the_offsets_stay_near_zero_and_change_little():
@@ -48,6 +67,7 @@ def test_the_script_reads_rows_written_before_and_refuses_other_files(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "40 held-out requests" in done.stdout and "random halves (2)" in done.stdout
+    assert "top-2 overlap with the prefill" in done.stdout
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"frontier": []}))
     done = subprocess.run([sys.executable, str(SCRIPT), "--from-rows", str(bad)], capture_output=True, text=True)

@@ -94,6 +94,19 @@ class MemoryBlockCache:
         return block, False
 
 
+def offset_order(calibrated: torch.Tensor, offsets: torch.Tensor | None = None) -> list[int]:
+    """Indices of a label distribution [n], highest first (ties: lower index first); with
+    ``offsets`` [n], the label whose log-probability plus offset is highest comes first instead and
+    the rest keep their order."""
+    order = sorted(range(len(calibrated)), key=lambda i: (-float(calibrated[i]), i))
+    if offsets is not None:
+        shifted = calibrated.double().clamp(min=1e-30).log() + offsets.double()
+        first = max(order, key=lambda i: float(shifted[i]))  # ties: the distribution's own order
+        order.remove(first)
+        order.insert(0, first)
+    return order
+
+
 @dataclass
 class Ranking:
     order: list[int]  # candidate indices, best first (a policy's label offsets choose the first)
@@ -186,18 +199,10 @@ class Ranker:
         return logprobs, torch.softmax(scores, -1)
 
     def order(self, calibrated: torch.Tensor, policy: str | None = None) -> list[int]:
-        """Candidate indices, best first, by the calibrated distribution [n]; when ``policy`` has
-        label offsets for n candidates, the label whose log-score plus offset is highest comes
-        first and the rest keep their order."""
-        n = len(calibrated)
-        order = sorted(range(n), key=lambda i: (-float(calibrated[i]), i))
+        """Candidate indices, best first, by the calibrated distribution [n], with ``policy``'s
+        label offsets for n candidates, if it has them, choosing the first (:func:`offset_order`)."""
         offsets = self.label_offsets.get(policy) if policy is not None else None
-        if offsets is not None and len(offsets) == n:
-            shifted = calibrated.double().clamp(min=1e-30).log() + offsets.double()
-            first = max(order, key=lambda i: float(shifted[i]))  # ties: the policy's own order
-            order.remove(first)
-            order.insert(0, first)
-        return order
+        return offset_order(calibrated, offsets if offsets is not None and len(offsets) == len(calibrated) else None)
 
     # -- ranking ------------------------------------------------------------------------------
 
